@@ -1,0 +1,36 @@
+# Every target installs what it needs into .venv first, so a fresh clone needs only `make`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SEEDS ?= 1000
+PROTOS := src/dcl/api/log/v1/log.proto $(wildcard src/dcl/api/dcl/v1/*.proto)
+
+.PHONY: run test lint proto sim bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/dcl --help
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy src/dcl
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+proto: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m grpc_tools.protoc -I src --python_out=src --pyi_out=src --grpclib_python_out=src $(PROTOS)
+
+sim: $(STAMP)
+	$(PY) -m tests.sim --seeds $(SEEDS)
+
+bench: $(STAMP)
+	$(PY) bench/storage.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,24 @@
+"""The `dcl` command: one entry point for operators."""
+
+from __future__ import annotations
+
+import typer
+
+import dcl
+
+app = typer.Typer(
+    name="dcl",
+    help="DCL Store: a distributed, strongly consistent, append-only commit log.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(dcl.__version__)
+
+
+def main() -> None:
+    app()

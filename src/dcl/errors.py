@@ -1,0 +1,60 @@
+"""The error hierarchy shared by every layer.
+
+Each error says whose fault a failure is, so the server can map it to a gRPC status in exactly
+one place (dcl.server) and clients can decide whether a retry can help.
+"""
+
+from __future__ import annotations
+
+
+class DclError(Exception):
+    """Root of every error DCL Store raises on purpose."""
+
+
+class InvalidRequest(DclError):
+    """The caller sent something malformed or out of bounds (its fault; do not retry)."""
+
+
+class OffsetOutOfRange(DclError):
+    """The requested offset is not in the log (below its start or at/after its end)."""
+
+    def __init__(self, offset: int, lowest: int | None = None, next_offset: int | None = None):
+        self.offset = offset
+        self.lowest = lowest
+        self.next_offset = next_offset
+        detail = f"offset out of range: {offset}"
+        if lowest is not None and next_offset is not None:
+            detail += f" (log holds [{lowest}, {next_offset}))"
+        super().__init__(detail)
+
+
+class CorruptRecord(DclError):
+    """Bytes on disk fail their checksum or framing: never served as data."""
+
+    def __init__(self, path: str, position: int, reason: str = "checksum mismatch"):
+        self.path = path
+        self.position = position
+        self.reason = reason
+        super().__init__(f"corrupt record in {path} at position {position}: {reason}")
+
+
+class NotLeader(DclError):
+    """This node cannot accept the write; `leader_hint` names the node that may."""
+
+    def __init__(self, leader_id: str | None = None, leader_addr: str | None = None):
+        self.leader_id = leader_id
+        self.leader_addr = leader_addr
+        super().__init__(f"not the leader (leader: {leader_addr or leader_id or 'unknown'})")
+
+
+class PermissionDenied(DclError):
+    """The caller's identity may not perform this action."""
+
+    def __init__(self, subject: str, action: str):
+        self.subject = subject
+        self.action = action
+        super().__init__(f"{subject!r} may not {action}")
+
+
+class Unavailable(DclError):
+    """The cluster cannot serve the request now (no leader, shutting down); retry may help."""
