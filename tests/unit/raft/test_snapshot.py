@@ -1,0 +1,149 @@
+"""Log compaction and InstallSnapshot streamed in chunks (Raft §7, thesis §5)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dcl.errors import InvalidRequest
+from dcl.raft.types import (
+    ConfChange,
+    ConfChangeType,
+    InstallSnapshot,
+    ProgressState,
+    Snapshot,
+    SnapshotMeta,
+    SnapshotResponse,
+)
+from tests.unit.raft.cluster import Cluster, fsm_snapshot, with_config
+
+
+def compact(c: Cluster, nid: str) -> Snapshot:
+    n = c.nodes[nid]
+    st = c.storage[nid]
+    n.compact(n.applied_index, fsm_snapshot(st.fsm))
+    snap = n.snapshot
+    assert snap is not None
+    st.snapshot = snap
+    st.entries = [e for e in st.entries if e.index > snap.meta.index]
+    return snap
+
+
+def test_compact_drops_entries_and_records_membership_at_index() -> None:
+    c = Cluster(["a", "b", "c"], joiners=["d"])
+    a = c.elect("a")
+    a.propose_batch([b"1", b"2"])
+    c.stabilize()
+    snap = compact(c, "a")
+    assert snap.meta == SnapshotMeta(6, 2, frozenset("abc"), frozenset())
+    assert a.first_index == 7
+    assert a.term_at(6) == 2 and a.term_at(5) is None and a.entry(6) is None
+    a.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, "d"))
+    c.stabilize()
+    assert a.learners == {"d"}
+
+
+def test_compact_beyond_applied_is_refused() -> None:
+    c = Cluster(["a", "b", "c"])
+    a = c.elect("a")
+    a.propose(b"x")
+    with pytest.raises(InvalidRequest):
+        a.compact(a.last_index, b"")
+
+
+def test_lagging_follower_receives_snapshot_in_chunks_then_entries() -> None:
+    c = Cluster(["a", "b", "c"], config=with_config(snapshot_chunk_size=4))
+    a = c.elect("a")
+    c.isolate("c")
+    a.propose_batch([b"one", b"two", b"three"])
+    c.stabilize()
+    snap = compact(c, "a")
+    a.propose(b"four")
+    c.stabilize()
+    c.heal()
+    c.tick("a")
+    c.stabilize()
+    chunks = [m for m in c.sent if isinstance(m, InstallSnapshot)]
+    assert len(chunks) == -(-len(snap.data) // 4)
+    assert all(len(m.data) <= 4 for m in chunks)
+    assert [m.offset for m in chunks] == list(range(0, len(snap.data), 4))
+    assert [m.done for m in chunks][-1] is True and not any(m.done for m in chunks[:-1])
+    assert c.installed["c"] == [snap]
+    assert c.fsm("c") == [b"one", b"two", b"three", b"four"]
+    cn = c.nodes["c"]
+    assert cn.first_index == snap.meta.index + 1
+    assert a.progress()["c"].state is ProgressState.REPLICATE
+    assert a.progress()["c"].match == a.last_index
+
+
+def test_lost_snapshot_chunk_is_resent_on_heartbeat() -> None:
+    c = Cluster(["a", "b", "c"], config=with_config(snapshot_chunk_size=3))
+    a = c.elect("a")
+    c.isolate("c")
+    a.propose_batch([b"abc", b"def"])
+    c.stabilize()
+    compact(c, "a")
+    c.heal()
+    dropped: list[InstallSnapshot] = []
+
+    def drop_second_chunk(m: object) -> bool:
+        if isinstance(m, InstallSnapshot) and m.offset == 3 and not dropped:
+            dropped.append(m)
+            return True
+        return False
+
+    c.drop = drop_second_chunk
+    c.tick("a")
+    c.stabilize()
+    assert dropped
+    assert a.progress()["c"].state is ProgressState.SNAPSHOT
+    c.tick("a")
+    c.stabilize()
+    assert c.fsm("c") == [b"abc", b"def"]
+
+
+def test_follower_only_installs_after_the_last_chunk() -> None:
+    c = Cluster(["a", "b", "c"])
+    c.elect("a")
+    b = c.nodes["b"]
+    meta = SnapshotMeta(50, 2, frozenset("abc"))
+    b.step(InstallSnapshot(2, "a", "b", meta, 0, b"ab", False))
+    rd = b.ready()
+    assert rd.snapshot is None
+    assert rd.messages == (SnapshotResponse(2, "b", "a", 50, 2),)
+    b.advance(rd)
+    b.step(InstallSnapshot(2, "a", "b", meta, 5, b"zz", False))  # out of order
+    assert b.ready().messages == (SnapshotResponse(2, "b", "a", 50, 2),)
+    b.step(InstallSnapshot(2, "a", "b", meta, 2, b"cd", True))
+    rd = b.ready()
+    assert rd.snapshot == Snapshot(meta, b"abcd")
+    assert rd.messages == (SnapshotResponse(2, "b", "a", 50, 0, True),)
+    assert b.commit_index == 50 and b.last_index == 50 and b.first_index == 51
+    b.advance(rd)
+
+
+def test_snapshot_already_covered_by_commit_is_acknowledged_not_installed() -> None:
+    c = Cluster(["a", "b", "c"])
+    c.elect("a")
+    b = c.nodes["b"]
+    meta = SnapshotMeta(3, 1, frozenset("abc"))
+    b.step(InstallSnapshot(2, "a", "b", meta, 0, b"", True))
+    rd = b.ready()
+    assert rd.snapshot is None
+    assert rd.messages == (SnapshotResponse(2, "b", "a", 3, 0, True),)
+
+
+def test_restart_from_snapshot_and_log_suffix() -> None:
+    c = Cluster(["a", "b", "c"])
+    a = c.elect("a")
+    a.propose_batch([b"1", b"2"])
+    c.stabilize()
+    compact(c, "b")
+    a.propose(b"3")
+    c.stabilize()
+    b = c.crash("b")
+    assert b.first_index == 7
+    assert b.voters == {"a", "b", "c"}
+    assert b.last_index == 7
+    c.tick("a")
+    c.stabilize()
+    assert c.fsm("b") == [b"1", b"2", b"3"]
