@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 import dcl
+from dcl.cli import certs
 
 app = typer.Typer(
     name="dcl",
@@ -12,6 +13,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(certs.app, name="certs")
 
 
 @app.command()

@@ -1,0 +1,1 @@
+"""gRPC services, mutual TLS, ACL and the Backend seam (see dcl.server.server)."""

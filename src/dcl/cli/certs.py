@@ -1,0 +1,38 @@
+"""``dcl certs``: create the cluster's certificates, ACL files and gossip key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dcl.server.certs import DEFAULT_HOSTS, generate_pki
+
+app = typer.Typer(name="certs", help="Certificates and ACL files.", no_args_is_help=True)
+
+
+@app.command("init")
+def init(
+    directory: Annotated[Path, typer.Argument(help="Directory to write into (created).")],
+    hosts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--hosts",
+            help="Extra server/peer SANs: comma-separated and/or repeated. "
+            f"{', '.join(DEFAULT_HOSTS)} are always included.",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite existing files (invalidates old certs).")
+    ] = False,
+) -> None:
+    """Generate CA, server, peer and client certificates plus model.conf and policy.csv."""
+    names = [h.strip() for value in hosts or [] for h in value.split(",") if h.strip()]
+    try:
+        files = generate_pki(directory, names, force=force)
+    except FileExistsError as exc:
+        typer.echo(f"error: {exc} (use --force to replace them)", err=True)
+        raise typer.Exit(code=1) from None
+    for path in files.all():
+        typer.echo(str(path))

@@ -1,0 +1,276 @@
+"""Generate a development/test PKI and ACL for a DCL cluster.
+
+One CA signs every certificate, so trust is "signed by our CA" and identity is the CN:
+``server`` serves clients, ``peer`` is what nodes present to each other (client and server
+EKUs, because a node dials its peers with the same certificate it serves with), ``root`` is a
+full-rights client and ``nobody`` an authenticated client the ACL grants nothing — useful for
+proving that authorization, not just authentication, is enforced.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["DEFAULT_HOSTS", "MODEL_CONF", "POLICY_CSV", "PkiFiles", "generate_pki"]
+
+DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
+
+MODEL_CONF = """\
+[request_definition]
+r = sub, obj, act
+
+[policy_definition]
+p = sub, obj, act
+
+[policy_effect]
+e = some(where (p.eft == allow))
+
+[matchers]
+m = r.sub == p.sub && (p.obj == "*" || r.obj == p.obj) && r.act == p.act
+"""
+
+POLICY_CSV = """\
+p, root, *, produce
+p, root, *, consume
+p, root, *, admin
+p, peer, *, peer
+p, peer, *, admin
+p, peer, *, consume
+p, peer, *, produce
+"""
+
+_CA_LIFETIME = datetime.timedelta(days=3650)
+_LEAF_LIFETIME = datetime.timedelta(days=825)
+# Tolerate small clock skew between the machine that issues and the one that verifies.
+_BACKDATE = datetime.timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class PkiFiles:
+    """Paths of everything ``generate_pki`` writes, named for their role."""
+
+    directory: Path
+
+    def _p(self, name: str) -> Path:
+        return self.directory / name
+
+    @property
+    def ca_cert(self) -> Path:
+        return self._p("ca.pem")
+
+    @property
+    def ca_key(self) -> Path:
+        return self._p("ca-key.pem")
+
+    @property
+    def server_cert(self) -> Path:
+        return self._p("server.pem")
+
+    @property
+    def server_key(self) -> Path:
+        return self._p("server-key.pem")
+
+    @property
+    def peer_cert(self) -> Path:
+        return self._p("peer.pem")
+
+    @property
+    def peer_key(self) -> Path:
+        return self._p("peer-key.pem")
+
+    @property
+    def root_client_cert(self) -> Path:
+        return self._p("root-client.pem")
+
+    @property
+    def root_client_key(self) -> Path:
+        return self._p("root-client-key.pem")
+
+    @property
+    def nobody_client_cert(self) -> Path:
+        return self._p("nobody-client.pem")
+
+    @property
+    def nobody_client_key(self) -> Path:
+        return self._p("nobody-client-key.pem")
+
+    @property
+    def acl_model(self) -> Path:
+        return self._p("model.conf")
+
+    @property
+    def acl_policy(self) -> Path:
+        return self._p("policy.csv")
+
+    @property
+    def gossip_key(self) -> Path:
+        return self._p("gossip.key")
+
+    def all(self) -> list[Path]:
+        return [
+            self.ca_cert, self.ca_key, self.server_cert, self.server_key,
+            self.peer_cert, self.peer_key, self.root_client_cert, self.root_client_key,
+            self.nobody_client_cert, self.nobody_client_key,
+            self.acl_model, self.acl_policy, self.gossip_key,
+        ]
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "DCL Store"),
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+    ])
+
+
+def _san(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in dict.fromkeys(hosts):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _issue_ca(now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _key()
+    name = _name("DCL Store CA")
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + _CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _issue_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    usages: Sequence[x509.ObjectIdentifier],
+    hosts: Sequence[str],
+    now: datetime.datetime,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + _LEAF_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if hosts:
+        builder = builder.add_extension(_san(hosts), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write(path: Path, data: bytes, *, secret: bool) -> None:
+    # Create with the final mode so a secret is never world-readable, not even briefly.
+    mode = 0o600 if secret else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+def generate_pki(
+    directory: str | os.PathLike[str],
+    hosts: Iterable[str] = (),
+    *,
+    force: bool = False,
+) -> PkiFiles:
+    """Write CA, server/peer/client certificates, ACL files and a gossip key into directory.
+
+    ``hosts`` are added to the SANs of the server and peer certificates, after localhost and
+    127.0.0.1. Refuses (FileExistsError, before writing anything) to overwrite existing files
+    unless ``force``: silently replacing a CA would orphan every certificate it signed.
+    """
+    files = PkiFiles(Path(directory))
+    files.directory.mkdir(parents=True, exist_ok=True)
+    existing = [p for p in files.all() if p.exists()]
+    if existing and not force:
+        names = ", ".join(p.name for p in existing)
+        raise FileExistsError(f"refusing to overwrite existing files in {directory}: {names}")
+
+    san_hosts = [*DEFAULT_HOSTS, *(h.strip() for h in hosts if h.strip())]
+    now = datetime.datetime.now(datetime.UTC)
+    server_auth, client_auth = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+    ca_cert, ca_key = _issue_ca(now)
+    leaves = [
+        (files.server_cert, files.server_key, "server", [server_auth], san_hosts),
+        (files.peer_cert, files.peer_key, "peer", [server_auth, client_auth], san_hosts),
+        (files.root_client_cert, files.root_client_key, "root", [client_auth], []),
+        (files.nobody_client_cert, files.nobody_client_key, "nobody", [client_auth], []),
+    ]
+    _write(files.ca_cert, _cert_pem(ca_cert), secret=False)
+    _write(files.ca_key, _key_pem(ca_key), secret=True)
+    for cert_path, key_path, cn, usages, leaf_hosts in leaves:
+        cert, key = _issue_leaf(ca_cert, ca_key, cn, usages, leaf_hosts, now)
+        _write(cert_path, _cert_pem(cert), secret=False)
+        _write(key_path, _key_pem(key), secret=True)
+    _write(files.acl_model, MODEL_CONF.encode(), secret=False)
+    _write(files.acl_policy, POLICY_CSV.encode(), secret=False)
+    _write(files.gossip_key, (secrets.token_hex(32) + "\n").encode(), secret=True)
+    return files

@@ -1,0 +1,216 @@
+"""The client-facing gRPC services: ``log.v1.Log`` and ``dcl.v1.Batch``.
+
+Handlers only translate between protobuf and the Backend seam, and raise dcl.errors; the
+DclServer wrapper authorizes each call once and maps errors to statuses (dcl.server.errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from grpclib.server import Stream
+
+from dcl.api.dcl.v1 import batch_grpc, batch_pb2
+from dcl.api.log.v1 import log_grpc, log_pb2
+from dcl.errors import InvalidRequest
+from dcl.server.backend import Backend
+from dcl.server.records import consume_batch_response, consume_response
+
+__all__ = [
+    "DEFAULT_MAX_RECORD_BYTES",
+    "BatchService",
+    "Limits",
+    "LogService",
+]
+
+DEFAULT_MAX_RECORD_BYTES = 1 << 20
+
+_Req = TypeVar("_Req")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds that protect the node from one caller; shared by both services."""
+
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    #: Appends one ProduceStream may have awaiting durability before it stops reading
+    #: (HTTP/2 flow control then pushes back on the client).
+    max_in_flight: int = 1024
+    default_batch_records: int = 1024
+    max_batch_records: int = 16384
+    default_batch_bytes: int = 1 << 20
+    #: Payload bound; with per-record framing a response stays under grpcio's default 4 MiB
+    #: receive limit, so standard clients can consume.
+    max_batch_bytes: int = 3 << 20
+
+    def check_values(self, values: Sequence[bytes]) -> None:
+        """Reject the whole request before anything is appended."""
+        if not values:
+            raise InvalidRequest("empty batch: at least one record is required")
+        limit = self.max_record_bytes
+        for index, value in enumerate(values):
+            if len(value) > limit:
+                raise InvalidRequest(
+                    f"record {index} is {len(value)} bytes; the limit is {limit} bytes"
+                )
+
+    def batch_bounds(self, max_records: int, max_bytes: int) -> tuple[int, int]:
+        records = min(max_records or self.default_batch_records, self.max_batch_records)
+        return records, min(max_bytes or self.default_batch_bytes, self.max_batch_bytes)
+
+
+async def _recv_one(stream: Stream[_Req, Any]) -> _Req:
+    request = await stream.recv_message()
+    if request is None:
+        raise InvalidRequest("missing request message")
+    return request
+
+
+def _failed(exc: BaseException) -> asyncio.Future[int]:
+    future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
+def _discard(pending: asyncio.Queue[Awaitable[int] | None]) -> None:
+    # Acks nobody will send: retrieve their exceptions so asyncio does not log them as lost.
+    while not pending.empty():
+        ack = pending.get_nowait()
+        if isinstance(ack, asyncio.Future) and ack.done() and not ack.cancelled():
+            ack.exception()
+
+
+class LogService(log_grpc.LogBase):
+    """``log.v1.Log``: the wire-compatible single-record API."""
+
+    def __init__(self, backend: Backend, limits: Limits | None = None):
+        self._backend = backend
+        self._limits = limits or Limits()
+
+    async def Produce(
+        self, stream: Stream[log_pb2.ProduceRequest, log_pb2.ProduceResponse]
+    ) -> None:
+        request = await _recv_one(stream)
+        values = [request.record.value]
+        self._limits.check_values(values)
+        offset = await self._backend.append(values)
+        await stream.send_message(log_pb2.ProduceResponse(offset=offset))
+
+    async def Consume(
+        self, stream: Stream[log_pb2.ConsumeRequest, log_pb2.ConsumeResponse]
+    ) -> None:
+        request = await _recv_one(stream)
+        await stream.send_message(consume_response(self._backend.read(request.offset)))
+
+    async def ConsumeStream(
+        self, stream: Stream[log_pb2.ConsumeRequest, log_pb2.ConsumeResponse]
+    ) -> None:
+        request = await _recv_one(stream)
+        backend, limits = self._backend, self._limits
+        offset = request.offset
+        while True:
+            if offset >= backend.next_offset:
+                await backend.wait_for(offset)
+            records = backend.read_batch(
+                offset, limits.default_batch_records, limits.default_batch_bytes
+            )
+            for record in records:
+                await stream.send_message(consume_response(record))
+            offset += len(records)
+
+    async def ProduceStream(
+        self, stream: Stream[log_pb2.ProduceRequest, log_pb2.ProduceResponse]
+    ) -> None:
+        """Pipelined: requests are appended as they arrive; acks go out in request order.
+
+        A reader task feeds appends into a bounded queue while this task awaits each append's
+        durability in turn. The first failure (bad record, NotLeader, ...) ends the stream
+        after every earlier request was acked; nothing after it is appended.
+        """
+        pending: asyncio.Queue[Awaitable[int] | None] = asyncio.Queue(self._limits.max_in_flight)
+        reader = asyncio.create_task(self._read_produce_requests(stream, pending))
+        try:
+            while (ack := await pending.get()) is not None:
+                offset = await ack
+                await stream.send_message(log_pb2.ProduceResponse(offset=offset))
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            _discard(pending)
+
+    async def _read_produce_requests(
+        self,
+        stream: Stream[log_pb2.ProduceRequest, log_pb2.ProduceResponse],
+        pending: asyncio.Queue[Awaitable[int] | None],
+    ) -> None:
+        try:
+            async for request in stream:
+                values = [request.record.value]
+                self._limits.check_values(values)
+                await pending.put(self._backend.append(values))
+        except Exception as exc:  # handed to the acking task, which reports it in order
+            await pending.put(_failed(exc))
+            return
+        await pending.put(None)
+
+    async def GetServers(
+        self, stream: Stream[log_pb2.GetServersRequest, log_pb2.GetServersResponse]
+    ) -> None:
+        await _recv_one(stream)
+        servers = [
+            log_pb2.Server(id=s.id, rpc_addr=s.rpc_addr, is_leader=s.is_leader)
+            for s in self._backend.servers()
+        ]
+        await stream.send_message(log_pb2.GetServersResponse(servers=servers))
+
+
+class BatchService(batch_grpc.BatchBase):
+    """``dcl.v1.Batch``: many records per call, the fast path."""
+
+    def __init__(self, backend: Backend, limits: Limits | None = None):
+        self._backend = backend
+        self._limits = limits or Limits()
+
+    async def ProduceBatch(
+        self, stream: Stream[batch_pb2.ProduceBatchRequest, batch_pb2.ProduceBatchResponse]
+    ) -> None:
+        request = await _recv_one(stream)
+        values = request.values
+        self._limits.check_values(values)
+        first = await self._backend.append(values)
+        await stream.send_message(
+            batch_pb2.ProduceBatchResponse(first_offset=first, count=len(values))
+        )
+
+    async def ConsumeBatch(
+        self, stream: Stream[batch_pb2.ConsumeBatchRequest, batch_pb2.ConsumeBatchResponse]
+    ) -> None:
+        """At the tail (offset == next_offset) answers an empty batch rather than an error,
+        so a polling reader needs no special case; beyond the tail is OUT_OF_RANGE."""
+        request = await _recv_one(stream)
+        backend = self._backend
+        max_records, max_bytes = self._limits.batch_bounds(request.max_records, request.max_bytes)
+        next_offset = backend.next_offset
+        records: list[bytes] = []
+        if request.offset != next_offset:
+            records = backend.read_batch(request.offset, max_records, max_bytes)
+        await stream.send_message(consume_batch_response(records, backend.next_offset))
+
+    async def ConsumeBatchStream(
+        self, stream: Stream[batch_pb2.ConsumeBatchRequest, batch_pb2.ConsumeBatchResponse]
+    ) -> None:
+        request = await _recv_one(stream)
+        backend = self._backend
+        max_records, max_bytes = self._limits.batch_bounds(request.max_records, request.max_bytes)
+        offset = request.offset
+        while True:
+            if offset >= backend.next_offset:
+                await backend.wait_for(offset)
+            records = backend.read_batch(offset, max_records, max_bytes)
+            offset += len(records)
+            await stream.send_message(consume_batch_response(records, backend.next_offset))

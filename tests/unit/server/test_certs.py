@@ -1,0 +1,99 @@
+"""The generated PKI: roles, SANs, EKUs, file modes, and refusal to clobber."""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typer.testing import CliRunner
+
+from dcl.cli.main import app
+from dcl.server.certs import PkiFiles, generate_pki
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def cn(cert: x509.Certificate) -> str:
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def ekus(cert: x509.Certificate) -> set[x509.ObjectIdentifier]:
+    return set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+
+
+def sans(cert: x509.Certificate) -> set[str]:
+    ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(n) for n in ext.get_values_for_type(x509.DNSName)} | {
+        str(ip) for ip in ext.get_values_for_type(x509.IPAddress)
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> PkiFiles:
+    return generate_pki(tmp_path_factory.mktemp("pki"), ["node1.internal", "10.1.2.3"])
+
+
+def test_certificates_carry_their_roles(files: PkiFiles) -> None:
+    server_auth, client_auth = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+    assert (cn(load(files.server_cert)), ekus(load(files.server_cert))) == ("server", {server_auth})
+    peer = load(files.peer_cert)
+    assert (cn(peer), ekus(peer)) == ("peer", {server_auth, client_auth})
+    assert cn(load(files.root_client_cert)) == "root"
+    assert cn(load(files.nobody_client_cert)) == "nobody"
+    assert ekus(load(files.root_client_cert)) == {client_auth}
+
+
+def test_server_and_peer_names_include_defaults_and_given_hosts(files: PkiFiles) -> None:
+    expected = {"localhost", "127.0.0.1", "node1.internal", "10.1.2.3"}
+    assert sans(load(files.server_cert)) == expected
+    assert sans(load(files.peer_cert)) == expected
+    ext = load(files.server_cert).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert ipaddress.ip_address("10.1.2.3") in ext.value.get_values_for_type(x509.IPAddress)
+
+
+def test_every_certificate_chains_to_the_ca(files: PkiFiles) -> None:
+    ca = load(files.ca_cert)
+    for path in (files.server_cert, files.peer_cert, files.root_client_cert):
+        load(path).verify_directly_issued_by(ca)
+    # And OpenSSL accepts the key pairs as written.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(files.peer_cert, files.peer_key)
+
+
+def test_secrets_are_private(files: PkiFiles) -> None:
+    for path in (files.ca_key, files.server_key, files.peer_key, files.root_client_key,
+                 files.nobody_client_key, files.gossip_key):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert len(bytes.fromhex(files.gossip_key.read_text().strip())) == 32
+
+
+def test_refuses_to_overwrite_unless_forced(tmp_path: Path) -> None:
+    first = generate_pki(tmp_path)
+    ca_before = first.ca_cert.read_bytes()
+    with pytest.raises(FileExistsError):
+        generate_pki(tmp_path)
+    assert first.ca_cert.read_bytes() == ca_before
+    generate_pki(tmp_path, force=True)
+    assert first.ca_cert.read_bytes() != ca_before
+
+
+def test_cli_init_accepts_comma_separated_and_repeated_hosts(tmp_path: Path) -> None:
+    runner = CliRunner()
+    target = tmp_path / "certs"
+    result = runner.invoke(app, ["certs", "init", str(target), "--hosts", "a.test,b.test",
+                                 "--hosts", "10.9.9.9"])
+    assert result.exit_code == 0, result.output
+    assert {"a.test", "b.test", "10.9.9.9"} <= sans(load(target / "server.pem"))
+
+    again = runner.invoke(app, ["certs", "init", str(target)])
+    assert again.exit_code == 1
+    assert runner.invoke(app, ["certs", "init", str(target), "--force"]).exit_code == 0

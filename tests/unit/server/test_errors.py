@@ -1,0 +1,61 @@
+"""The single mapping from dcl.errors to gRPC statuses."""
+
+from __future__ import annotations
+
+import pytest
+from grpclib.const import Status
+
+from dcl.errors import (
+    CorruptRecord,
+    DclError,
+    InvalidRequest,
+    NotLeader,
+    OffsetOutOfRange,
+    PermissionDenied,
+    Unavailable,
+)
+from dcl.server.errors import LEADER_METADATA_KEY, grpc_status
+from dcl.storage import LogClosed
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (InvalidRequest("bad"), Status.INVALID_ARGUMENT),
+        (OffsetOutOfRange(9, 0, 3), Status.OUT_OF_RANGE),
+        (NotLeader("n1", "h:1"), Status.FAILED_PRECONDITION),
+        (PermissionDenied("nobody", "produce"), Status.PERMISSION_DENIED),
+        (Unavailable("no leader"), Status.UNAVAILABLE),
+        (CorruptRecord("/x/0.store", 17), Status.DATA_LOSS),
+        (LogClosed("closed"), Status.UNAVAILABLE),
+        (DclError("unclassified"), Status.INTERNAL),
+    ],
+)
+def test_each_error_maps_to_its_status(error: DclError, status: Status) -> None:
+    assert grpc_status(error)[0] is status
+
+
+def test_subclasses_inherit_their_parents_status() -> None:
+    class Stale(OffsetOutOfRange):
+        pass
+
+    assert grpc_status(Stale(1))[0] is Status.OUT_OF_RANGE
+
+
+def test_out_of_range_message_names_the_offset() -> None:
+    assert "123" in grpc_status(OffsetOutOfRange(123, 0, 5))[1]
+
+
+def test_not_leader_carries_the_leader_address_in_trailing_metadata() -> None:
+    assert grpc_status(NotLeader("n1", "10.0.0.2:8400"))[2] == {
+        LEADER_METADATA_KEY: "10.0.0.2:8400"
+    }
+    assert grpc_status(NotLeader())[2] == {}
+
+
+def test_unexpected_errors_are_internal_without_leaking_details() -> None:
+    status, message, metadata = grpc_status(KeyError("/secret/path"))
+    assert (status, metadata) == (Status.INTERNAL, {})
+    assert "secret" not in message
