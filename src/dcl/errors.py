@@ -58,3 +58,8 @@ class PermissionDenied(DclError):
 
 class Unavailable(DclError):
     """The cluster cannot serve the request now (no leader, shutting down); retry may help."""
+
+
+class CommitTimeout(DclError):
+    """A write was proposed but its commit was not seen in time: it may or may not be in the
+    log. Retrying it can duplicate the record, so clients must treat the outcome as unknown."""

@@ -17,6 +17,7 @@ from grpclib.exceptions import ProtocolError, StreamTerminatedError
 from grpclib.server import Stream
 
 from dcl.errors import (
+    CommitTimeout,
     CorruptRecord,
     DclError,
     InvalidRequest,
@@ -41,6 +42,8 @@ _STATUS: dict[type, Status] = {
     PermissionDenied: Status.PERMISSION_DENIED,
     Unavailable: Status.UNAVAILABLE,
     CorruptRecord: Status.DATA_LOSS,
+    # Proposed but not seen committed in time: the client must treat the outcome as unknown.
+    CommitTimeout: Status.DEADLINE_EXCEEDED,
     # The node is shutting down under the call: another node (or a retry) can serve it.
     LogClosed: Status.UNAVAILABLE,
 }

@@ -1,0 +1,219 @@
+"""One DCL Store node: builds logger, log/raft, server (and later membership) from a Config.
+
+Setup is a table of steps in dependency order; if one fails, the steps already done are
+undone in reverse, so a failed start releases its port and its directory locks. Shutdown is
+the same table in reverse: transfer leadership if leader, stop Raft, drain gRPC, flush and
+close the logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dcl.raft.driver import RaftDriver
+from dcl.raft.storage import RaftStorage
+from dcl.raft.types import Config as RaftConfig
+from dcl.raft.types import Role
+from dcl.server.acl import Action, Authorizer
+from dcl.server.raft_transport import AdminService, GrpcTransport, RaftService
+from dcl.server.replicated import LogFsm, ReplicatedBackend, encode_address_cmd
+from dcl.server.server import DclServer, build_server
+from dcl.server.tls import client_context, server_context
+from dcl.storage import LogConfig
+
+__all__ = ["Agent", "AgentConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    """Everything one node needs; field names follow the reference agent's."""
+
+    data_dir: Path
+    node_name: str
+    server_tls_cert_file: Path
+    server_tls_key_file: Path
+    server_tls_ca_file: Path
+    peer_tls_cert_file: Path
+    peer_tls_key_file: Path
+    peer_tls_ca_file: Path
+    acl_model_file: Path
+    acl_policy_file: Path
+    rpc_host: str = "127.0.0.1"
+    rpc_port: int = 8400
+    bootstrap: bool = False
+    # Ours.
+    segment_bytes: int = 64 << 20
+    snapshot_threshold_entries: int = 100_000
+    tick_seconds: float = 0.05
+    election_tick: int = 10
+    log_level: str = "INFO"
+    checkpoint_seconds: float = 2.0
+    start_join_addrs: list[str] = field(default_factory=list)
+
+    @property
+    def rpc_addr(self) -> str:
+        return f"{self.rpc_host}:{self.rpc_port}"
+
+
+class Agent:
+    """A running node. `await start()` then `await shutdown()`."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self._undo: list[Callable[[], Awaitable[None]]] = []
+        self.driver: RaftDriver
+        self.backend: ReplicatedBackend
+        self.server: DclServer
+        self.fsm: LogFsm
+        self._transport: GrpcTransport
+
+    async def start(self) -> None:
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("logger", self._setup_logger),
+            ("log", self._setup_log),
+            ("server", self._setup_server),
+        ]
+        for name, step in steps:
+            try:
+                await step()
+            except BaseException:
+                log.error("agent setup failed at step=%s node=%s", name, self.config.node_name)
+                await self._unwind()
+                raise
+
+    async def shutdown(self) -> None:
+        if self.driver.core.role is Role.LEADER:
+            await self._transfer_leadership()
+        await self._unwind()
+
+    async def _unwind(self) -> None:
+        while self._undo:
+            undo = self._undo.pop()
+            try:
+                await undo()
+            except Exception:
+                log.exception("error during shutdown")
+
+    async def _transfer_leadership(self) -> None:
+        core = self.driver.core
+        candidates = sorted(core.voters - {core.id},
+                            key=lambda v: -(core.progress().get(v).match  # type: ignore[union-attr]
+                                            if core.progress().get(v) else 0))
+        if not candidates:
+            return
+        with contextlib.suppress(Exception):
+            self.driver.transfer_leadership(candidates[0])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 2.0
+            while core.role is Role.LEADER and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+
+    # ------------------------------------------------------------------ steps
+
+    async def _setup_logger(self) -> None:
+        logging.basicConfig(
+            level=self.config.log_level.upper(),
+            format=f"%(asctime)s %(levelname)s node={self.config.node_name} %(name)s %(message)s",
+        )
+
+    async def _setup_log(self) -> None:
+        cfg = self.config
+        data = Path(cfg.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.fsm = LogFsm(data / "fsm", LogConfig(max_store_bytes=cfg.segment_bytes))
+        self._undo.append(self._close_fsm)
+        storage = RaftStorage(data / "raft", max_segment_bytes=cfg.segment_bytes)
+        self._storage = storage
+        self._undo.append(self._close_storage)
+        peer_ctx = client_context(cfg.peer_tls_cert_file, cfg.peer_tls_key_file,
+                                  cfg.peer_tls_ca_file)
+        self._transport = GrpcTransport(peer_ctx, cfg.rpc_addr, self.fsm.addresses.get)
+        self._undo.append(self._transport.close)
+        raft_config = RaftConfig(
+            election_tick=cfg.election_tick, heartbeat_tick=1,
+            max_bytes_per_msg=256 << 10, snapshot_chunk_size=256 << 10,
+        )
+        self.driver = RaftDriver(
+            cfg.node_name, storage, self.fsm, self._transport, config=raft_config,
+            applied=self.fsm.applied_index, bootstrap=cfg.bootstrap,
+            tick_seconds=cfg.tick_seconds,
+            snapshot_threshold_entries=cfg.snapshot_threshold_entries,
+        )
+        self.backend = ReplicatedBackend(self.driver, self.fsm, cfg.rpc_addr)
+        self.driver.on_role_change = self._on_role_change
+        self.driver.start()
+        self._undo.append(self._stop_driver)
+        checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+
+        async def stop_checkpoints() -> None:
+            checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checkpoints
+
+        self._undo.append(stop_checkpoints)
+
+    async def _setup_server(self) -> None:
+        cfg = self.config
+        ctx = server_context(cfg.server_tls_cert_file, cfg.server_tls_key_file,
+                             cfg.server_tls_ca_file)
+        authorizer = Authorizer(cfg.acl_model_file, cfg.acl_policy_file)
+        self.admin = AdminService(self.backend)
+        self.server = build_server(
+            self.backend, ssl_context=ctx, authorizer=authorizer, host=cfg.rpc_host,
+            port=cfg.rpc_port,
+            extra_handlers=[RaftService(self.driver, self._learn_address), self.admin],
+            extra_actions={"/dcl.v1.Raft/Send": Action.PEER},
+        )
+        await self.server.start()
+        self._undo.append(self.server.close)
+
+    # ------------------------------------------------------------------ hooks
+
+    def _learn_address(self, node_id: str, addr: str) -> None:
+        # A peer's self-reported address fills gaps only; the replicated book is authoritative.
+        self.fsm.addresses.setdefault(node_id, addr)
+
+    def _on_role_change(self, role: Role) -> None:
+        if role is Role.LEADER and self.fsm.addresses.get(self.config.node_name) != (
+            self.config.rpc_addr
+        ):
+            asyncio.get_running_loop().create_task(self._announce_address())
+
+    async def _announce_address(self) -> None:
+        """Record our address in the replicated book, so followers can redirect clients."""
+        for _ in range(100):
+            if self.driver.core.role is not Role.LEADER:
+                return
+            try:
+                await self.driver.propose(
+                    encode_address_cmd(self.config.node_name, self.config.rpc_addr))
+                return
+            except Exception:  # ProposalDropped until the no-op commits; retry shortly
+                await asyncio.sleep(0.05)
+
+    async def _checkpoint_loop(self) -> None:
+        """Bound how much of the Raft log a restart must re-apply to the commit log."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.checkpoint_seconds)
+            await loop.run_in_executor(None, self.fsm.checkpoint)
+
+    # ------------------------------------------------------------------ undo
+
+    async def _stop_driver(self) -> None:
+        self.backend.close()
+        await self.driver.stop()
+
+    async def _close_storage(self) -> None:
+        self._storage.close()
+
+    async def _close_fsm(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.fsm.checkpoint)
+        self.fsm.close()

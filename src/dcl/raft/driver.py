@@ -1,0 +1,255 @@
+"""The asyncio driver: runs the sans-I/O core against a clock, a disk and a network.
+
+One task owns the core's Ready loop; everything else (gRPC handlers delivering peer messages,
+proposals from clients) calls into the core on the same event loop thread and wakes the loop.
+
+Contract with the core (see dcl.raft.core): for each Ready the driver persists the snapshot,
+the entries and the hard state, fsyncs, and only then sends messages (except a steady leader's
+`send_before_persist` Ready, whose messages acknowledge nothing and go out first so
+replication overlaps the leader's own fsync); then it applies committed entries and calls
+`advance`. Group commit falls out of this: while one fsync runs in the executor, new
+proposals and acknowledgements accumulate in the core and the next Ready covers all of them
+with one fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from dcl.errors import CommitTimeout, NotLeader, Unavailable
+from dcl.raft.core import RaftNode
+from dcl.raft.storage import RaftStorage
+from dcl.raft.types import ConfChange, Config, Entry, Message, Ready, Role, Snapshot, Status
+
+__all__ = ["Fsm", "RaftDriver", "Transport"]
+
+log = logging.getLogger(__name__)
+
+
+class Fsm(Protocol):
+    """The replicated state machine the driver applies committed entries to."""
+
+    def apply(self, entries: Sequence[Entry]) -> list[Any]:
+        """Apply committed entries in order; one result per entry (handed to proposers)."""
+        ...
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Replace the whole state with the snapshot's (durably)."""
+        ...
+
+    def snapshot_data(self) -> bytes:
+        """The state as of the last applied entry, as snapshot bytes."""
+        ...
+
+    def checkpoint(self) -> None:
+        """Make the applied state durable (called off the loop, before compaction)."""
+        ...
+
+
+class Transport(Protocol):
+    """Best-effort delivery of messages to peers: Raft tolerates loss, so never blocks."""
+
+    def send(self, messages: Sequence[Message]) -> None: ...
+
+
+class RaftDriver:
+    """Drives one RaftNode. Proposals resolve once their entry is applied locally."""
+
+    def __init__(
+        self,
+        node_id: str,
+        storage: RaftStorage,
+        fsm: Fsm,
+        transport: Transport,
+        *,
+        config: Config,
+        applied: int = 0,
+        bootstrap: bool = False,
+        tick_seconds: float = 0.05,
+        commit_timeout: float = 10.0,
+        snapshot_threshold_entries: int = 0,
+        rng: random.Random | None = None,
+    ) -> None:
+        hard_state, snapshot, entries = storage.load()
+        if snapshot is not None and snapshot.meta.index > applied:
+            # Crashed after persisting an installed snapshot but before the FSM recorded it.
+            fsm.restore(snapshot)
+            applied = snapshot.meta.index
+        self.node_id = node_id
+        self.core = RaftNode(
+            node_id, config, rng or random.Random(), hard_state=hard_state, snapshot=snapshot,
+            entries=entries, bootstrap_voters=[node_id] if bootstrap else None, applied=applied,
+        )
+        self._storage = storage
+        self._fsm = fsm
+        self._transport = transport
+        self._tick = tick_seconds
+        self._commit_timeout = commit_timeout
+        self._snapshot_every = snapshot_threshold_entries
+        self._wake = asyncio.Event()
+        self._waiters: dict[int, tuple[int, asyncio.Future[Any]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._failed: BaseException | None = None
+        self.on_applied: Callable[[], None] = lambda: None
+        self.on_role_change: Callable[[Role], None] = lambda role: None
+        self._last_role = self.core.role
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="raft-driver")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_waiters(Unavailable("node is shutting down"))
+
+    # ------------------------------------------------------------------ inputs
+
+    def receive(self, m: Message) -> None:
+        """A message from a peer (called by the transport service)."""
+        if m.dst != self.node_id:
+            return
+        self.core.step(m)
+        self._wake.set()
+
+    async def propose(self, data: bytes) -> Any:
+        """Replicate `data`; returns the FSM's result once it is applied here.
+
+        NotLeader when this node cannot take it (nothing was proposed, a retry elsewhere is
+        safe); CommitTimeout when it was proposed but not seen committed in time (unknown).
+        """
+        self._check_running()
+        term, index = self.core.propose(data)
+        return await self._wait_applied(term, index)
+
+    async def propose_conf_change(self, cc: ConfChange) -> None:
+        self._check_running()
+        term, index = self.core.propose_conf_change(cc)
+        await self._wait_applied(term, index)
+
+    def transfer_leadership(self, to: str) -> None:
+        self.core.transfer_leadership(to)
+        self._wake.set()
+
+    def status(self) -> Status:
+        return self.core.status()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_running(self) -> None:
+        if self._failed is not None or self._stopping:
+            raise Unavailable("raft driver is not running")
+        if self.core.role is not Role.LEADER:
+            raise NotLeader(self.core.leader_id)
+
+    async def _wait_applied(self, term: int, index: int) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[index] = (term, fut)
+        self._wake.set()
+        try:
+            async with asyncio.timeout(self._commit_timeout):
+                return await fut
+        except TimeoutError:
+            raise CommitTimeout(
+                f"entry {index} (term {term}) not applied within {self._commit_timeout}s"
+            ) from None
+        finally:
+            self._waiters.pop(index, None)
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        for _, fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._waiters.clear()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + self._tick
+        try:
+            while not self._stopping:
+                delay = next_tick - loop.time()
+                if delay > 0 and not self._wake.is_set():
+                    try:
+                        async with asyncio.timeout(delay):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+                self._wake.clear()
+                now = loop.time()
+                if now >= next_tick:
+                    self.core.tick()
+                    # After a long stall tick once, not a burst: a burst would fire elections.
+                    next_tick = max(next_tick + self._tick, now)
+                while self.core.has_ready() and not self._stopping:
+                    await self._handle(self.core.ready())
+                role = self.core.role
+                if role is not self._last_role:
+                    self._last_role = role
+                    self.on_role_change(role)
+        except Exception as exc:  # a storage failure: stop rather than diverge
+            log.exception("raft driver failed node=%s", self.node_id)
+            self._failed = exc
+            self._fail_waiters(Unavailable(f"raft driver failed: {exc}"))
+
+    async def _handle(self, rd: Ready) -> None:
+        loop = asyncio.get_running_loop()
+        if rd.send_before_persist and rd.messages:
+            self._transport.send(rd.messages)
+        if rd.snapshot is not None:
+            await loop.run_in_executor(None, self._storage.save_snapshot, rd.snapshot)
+        if rd.entries:
+            self._storage.append(rd.entries)
+        if rd.hard_state is not None:
+            self._storage.set_hard_state(rd.hard_state)
+        if rd.entries:
+            await loop.run_in_executor(None, self._storage.sync)
+        if not rd.send_before_persist and rd.messages:
+            self._transport.send(rd.messages)
+        if rd.snapshot is not None:
+            # On the loop: readers share the commit log with the FSM, which is single-threaded.
+            self._fsm.restore(rd.snapshot)
+        if rd.committed_entries:
+            self._apply(rd.committed_entries)
+        self.core.advance(rd)
+        if rd.committed_entries:
+            await self._maybe_snapshot()
+
+    def _apply(self, entries: Sequence[Entry]) -> None:
+        results = self._fsm.apply(entries)
+        if self._waiters:
+            for entry, result in zip(entries, results, strict=True):
+                waiter = self._waiters.get(entry.index)
+                if waiter is None:
+                    continue
+                term, fut = waiter
+                if fut.done():
+                    continue
+                if term == entry.term:
+                    fut.set_result(result)
+                else:  # our entry was overwritten by a later leader: it never committed
+                    fut.set_exception(NotLeader(self.core.leader_id))
+        self.on_applied()
+
+    async def _maybe_snapshot(self) -> None:
+        if self._snapshot_every <= 0:
+            return
+        applied = self.core.applied_index
+        if applied - self.core.first_index + 1 < self._snapshot_every:
+            return
+        loop = asyncio.get_running_loop()
+        # The FSM must be durable up to `applied` before the raft log behind it is dropped.
+        await loop.run_in_executor(None, self._fsm.checkpoint)
+        data = self._fsm.snapshot_data()
+        self.core.compact(applied, data)
+        snap = self.core.snapshot
+        if snap is not None:
+            await loop.run_in_executor(None, self._storage.save_snapshot, snap)
+            log.info("snapshot node=%s index=%d bytes=%d", self.node_id, applied, len(data))

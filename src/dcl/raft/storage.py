@@ -1,0 +1,471 @@
+"""The Raft log and Raft state on disk: what `RaftNode` is rebuilt from after a restart.
+
+Layout under the storage directory:
+
+    log/       a `dcl.storage.Log` whose offsets ARE raft indexes; one record per entry:
+               8-byte big-endian term + `Entry.encode()` (type byte + payload)
+    state/     `hard_state`: term, vote, commit, CRC32 (replaced atomically)
+    snapshot/  `snapshot`: the latest snapshot's meta and bytes, CRC32 (replaced atomically)
+
+Durability contract (driver, see `dcl.raft.core`):
+  * `append()` buffers; `sync()` is the group-commit fsync, run before sending acknowledgements.
+  * `set_hard_state()` writes and fsyncs AT ONCE when term or vote changed (rare: elections),
+    so a vote is durable before the driver can send anything that depends on it. A change of
+    the commit index alone is only remembered (written with the next term/vote change or at
+    `close()`): losing it is safe, and three fsyncs per Ready would cap throughput.
+  * `save_snapshot()` is durable when it returns.
+
+Crash safety of snapshot installation: the snapshot file is made durable BEFORE the log is cut
+to it, and every open re-runs the same reconciliation (`_reconcile`), so a crash anywhere in
+between recovers to "snapshot + the log entries that provably follow it". Invariant kept on
+disk: the log's lowest index is <= snapshot index + 1 (no gap between snapshot and log).
+
+Thread-safety: one thread (the asyncio loop) calls everything except `sync()`, which may run in
+an executor thread concurrently with `append()` of NON-conflicting entries (the log supports
+exactly that). Truncating appends, `save_snapshot()` and `compact()` remove segment files, so
+the driver must not overlap them with an in-flight `sync()`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from dcl.errors import CorruptRecord, InvalidRequest
+from dcl.raft.types import Entry, HardState, Snapshot, SnapshotMeta
+from dcl.storage import Log, LogConfig, LogInUse
+
+logger = logging.getLogger("dcl.raft.storage")
+
+__all__ = ["RaftStorage"]
+
+# One record in the log: term (u64) + type (u8), then the payload. Identical bytes to
+# "8-byte term + Entry.encode()", built with one pack and one concatenation.
+_RECORD_HEADER = struct.Struct(">QB")
+_RECORD_HEADER_SIZE = _RECORD_HEADER.size
+_TERM = struct.Struct(">Q")
+
+# Hard state file: magic, version, term, commit, has_vote, vote length; vote bytes; CRC32 of
+# everything before it.
+_HS_MAGIC = b"DCLH"
+_HS_HEADER = struct.Struct(">4sBQQBH")
+# Snapshot file: magic, version, index, term, voter count, learner count; then each id as
+# (u16 length, UTF-8); then data length (u64) and the data; then CRC32 of everything before.
+_SNAP_MAGIC = b"DCLS"
+_SNAP_HEADER = struct.Struct(">4sBQQII")
+_ID_LEN = struct.Struct(">H")
+_DATA_LEN = struct.Struct(">Q")
+_CRC = struct.Struct(">I")
+_VERSION = 1
+
+_HS_FILE = "hard_state"
+_SNAP_FILE = "snapshot"
+_TMP_SUFFIX = ".tmp"
+
+# load() reads the log in batches of this size so a huge log does not need one giant list of
+# raw records next to the decoded entries.
+_LOAD_BATCH_RECORDS = 4096
+_LOAD_BATCH_BYTES = 16 << 20
+
+
+def _encode_entry(entry: Entry) -> bytes:
+    return _RECORD_HEADER.pack(entry.term, entry.type) + entry.data
+
+
+def _decode_entry(index: int, raw: bytes, path: str) -> Entry:
+    if len(raw) < _RECORD_HEADER_SIZE:
+        raise CorruptRecord(path, index, "raft record shorter than its header")
+    view = memoryview(raw)
+    try:
+        return Entry.decode(_TERM.unpack_from(raw, 0)[0], index, view[_TERM.size :])
+    except ValueError as exc:  # unknown EntryType byte
+        raise CorruptRecord(path, index, f"raft record: {exc}") from None
+
+
+def _encode_hard_state(hs: HardState) -> bytes:
+    vote = b"" if hs.vote is None else hs.vote.encode()
+    body = _HS_HEADER.pack(
+        _HS_MAGIC, _VERSION, hs.term, hs.commit, hs.vote is not None, len(vote)
+    ) + vote
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def _decode_hard_state(raw: bytes, path: str) -> HardState:
+    if len(raw) < _HS_HEADER.size + _CRC.size:
+        raise CorruptRecord(path, 0, "hard state file truncated")
+    body_end = len(raw) - _CRC.size
+    if zlib.crc32(memoryview(raw)[:body_end]) != _CRC.unpack_from(raw, body_end)[0]:
+        raise CorruptRecord(path, 0, "hard state checksum mismatch")
+    magic, version, term, commit, has_vote, n = _HS_HEADER.unpack_from(raw, 0)
+    if magic != _HS_MAGIC or version != _VERSION or _HS_HEADER.size + n != body_end:
+        raise CorruptRecord(path, 0, "hard state header invalid")
+    vote = raw[_HS_HEADER.size : body_end].decode() if has_vote else None
+    return HardState(term, vote, commit)
+
+
+def _encode_ids(ids: frozenset[str], out: list[bytes]) -> None:
+    for node in sorted(ids):  # sorted: identical snapshots give identical files
+        raw = node.encode()
+        out.append(_ID_LEN.pack(len(raw)))
+        out.append(raw)
+
+
+def _encode_snapshot(snapshot: Snapshot) -> list[bytes]:
+    """The file as a list of parts, so the (possibly large) data is never copied into one
+    buffer with the header; the CRC covers every part."""
+    meta = snapshot.meta
+    parts = [
+        _SNAP_HEADER.pack(
+            _SNAP_MAGIC, _VERSION, meta.index, meta.term, len(meta.voters), len(meta.learners)
+        )
+    ]
+    _encode_ids(meta.voters, parts)
+    _encode_ids(meta.learners, parts)
+    parts.append(_DATA_LEN.pack(len(snapshot.data)))
+    parts.append(snapshot.data)
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    parts.append(_CRC.pack(crc))
+    return parts
+
+
+def _decode_snapshot(raw: bytes, path: str) -> Snapshot:
+    view = memoryview(raw)
+    if len(raw) < _SNAP_HEADER.size + _DATA_LEN.size + _CRC.size:
+        raise CorruptRecord(path, 0, "snapshot file truncated")
+    body_end = len(raw) - _CRC.size
+    if zlib.crc32(view[:body_end]) != _CRC.unpack_from(raw, body_end)[0]:
+        raise CorruptRecord(path, 0, "snapshot checksum mismatch")
+    try:
+        magic, version, index, term, n_voters, n_learners = _SNAP_HEADER.unpack_from(raw, 0)
+        if magic != _SNAP_MAGIC or version != _VERSION:
+            raise CorruptRecord(path, 0, "snapshot header invalid")
+        p = _SNAP_HEADER.size
+        groups: list[frozenset[str]] = []
+        for count in (n_voters, n_learners):
+            ids = []
+            for _ in range(count):
+                (n,) = _ID_LEN.unpack_from(raw, p)
+                p += _ID_LEN.size
+                ids.append(bytes(view[p : p + n]).decode())
+                p += n
+            groups.append(frozenset(ids))
+        (size,) = _DATA_LEN.unpack_from(raw, p)
+        p += _DATA_LEN.size
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise CorruptRecord(path, 0, f"snapshot header invalid: {exc}") from None
+    if p + size != body_end:
+        raise CorruptRecord(path, p, "snapshot data length mismatch")
+    return Snapshot(SnapshotMeta(index, term, groups[0], groups[1]), bytes(view[p:body_end]))
+
+
+class RaftStorage:
+    """Persistent Raft state of one node: log entries, hard state and the latest snapshot."""
+
+    def __init__(
+        self, directory: str | os.PathLike[str], *, max_segment_bytes: int = 64 * 1024 * 1024
+    ) -> None:
+        """Open (creating if needed) and recover the storage in `directory`.
+
+        Recovery: the log trims torn tails itself; this then reconciles the log with the
+        snapshot (see `_reconcile`) so `load()` returns a contiguous log after the snapshot.
+        Raises `LogInUse` if another `RaftStorage` has the directory open, `CorruptRecord`
+        if the state or snapshot file fails its checksum.
+        """
+        self.directory = Path(directory)
+        self._closed = True
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise LogInUse(f"raft storage {self.directory} is open elsewhere") from None
+        try:
+            self._open(max_segment_bytes)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._closed = False
+
+    def _open(self, max_segment_bytes: int) -> None:
+        self._state_dir = self.directory / "state"
+        self._snap_dir = self.directory / "snapshot"
+        for d in (self._state_dir, self._snap_dir):
+            d.mkdir(exist_ok=True)
+            for name in os.listdir(d):
+                if name.endswith(_TMP_SUFFIX):  # an atomic replace interrupted by a crash
+                    os.unlink(d / name)
+        self._sync_dir(self.directory)
+
+        self._snapshot = self._read_snapshot()
+        stored = self._read_hard_state()
+        self._hs = stored
+        self._durable_hs = stored
+
+        snap_index = self.snapshot_index
+        # The log's initial offset matters only when its directory holds no segment: a fresh
+        # store (raft indexes start at 1) or a crash inside Log.reset (continue after the
+        # snapshot, which is already durable then).
+        config = LogConfig(max_store_bytes=max_segment_bytes, initial_offset=snap_index + 1)
+        self._log = Log(self.directory / "log", config)
+        try:
+            self._reconcile()
+        except BaseException:
+            self._log.close()
+            raise
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def snapshot_index(self) -> int:
+        return 0 if self._snapshot is None else self._snapshot.meta.index
+
+    @property
+    def snapshot_term(self) -> int:
+        return 0 if self._snapshot is None else self._snapshot.meta.term
+
+    @property
+    def first_index(self) -> int:
+        """Index of the first entry after the snapshot (last_index + 1 when there is none).
+
+        The log may still hold a few older entries (whole segments are dropped), but they are
+        covered by the snapshot and never handed out.
+        """
+        return self.snapshot_index + 1
+
+    @property
+    def last_index(self) -> int:
+        """Index of the last appended entry (buffered ones count); the snapshot index if none."""
+        return self._log.next_offset - 1
+
+    @property
+    def hard_state(self) -> HardState:
+        """The latest hard state passed to `set_hard_state` (its commit may not be durable)."""
+        return self._hs
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def load(self) -> tuple[HardState, Snapshot | None, list[Entry]]:
+        """What to pass to `RaftNode(hard_state=..., snapshot=..., entries=...)` on restart.
+
+        The commit index is raised to the snapshot index: the stored commit may lag (it is
+        written lazily) but a snapshot only ever holds committed state.
+        """
+        self._check_open()
+        hs = self._hs
+        if hs.commit < self.snapshot_index:
+            hs = HardState(hs.term, hs.vote, self.snapshot_index)
+        return hs, self._snapshot, self.entries(self.first_index, self.last_index + 1)
+
+    def entries(self, lo: int, hi: int) -> list[Entry]:
+        """Entries with index in [lo, hi), read back from the log (CRC-checked)."""
+        self._check_open()
+        log = self._log
+        path = str(log.directory)
+        out: list[Entry] = []
+        index = lo
+        while index < hi:
+            batch = log.read_batch(index, min(hi - index, _LOAD_BATCH_RECORDS), _LOAD_BATCH_BYTES)
+            for raw in batch:
+                out.append(_decode_entry(index, raw, path))
+                index += 1
+        return out
+
+    def term(self, index: int) -> int:
+        """Term of the entry at `index` (the snapshot's term at the snapshot index)."""
+        self._check_open()
+        if index == self.snapshot_index:
+            return self.snapshot_term
+        return self._log_term(index)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        """Append `entries` (consecutive indexes), replacing any conflicting suffix first.
+
+        Not durable until `sync()` (group commit). The suffix cut itself IS durable when this
+        returns (`Log.truncate_after` fsyncs it), so removed entries cannot reappear after a
+        crash underneath entries appended later.
+        """
+        self._check_open()
+        if not entries:
+            return
+        first = entries[0].index
+        if entries[-1].index != first + len(entries) - 1:
+            raise InvalidRequest("raft entries to append are not consecutive")
+        if first <= self.snapshot_index:
+            raise InvalidRequest(
+                f"entry {first} is covered by the snapshot at {self.snapshot_index}"
+            )
+        last = self.last_index
+        if first > last + 1:
+            raise InvalidRequest(f"entry {first} leaves a gap after the last index {last}")
+        if first <= last:
+            self._log.truncate_after(first - 1)
+        self._log.append_batch([_encode_entry(e) for e in entries])
+
+    def sync(self) -> None:
+        """The group-commit durability point: fsync every entry appended before the call.
+
+        Safe from an executor thread while the loop thread appends. Term/vote need nothing
+        here: `set_hard_state` already made them durable.
+        """
+        self._log.sync()
+
+    def set_hard_state(self, hs: HardState) -> None:
+        """Record `hs`; if term or vote changed, write it durably before returning.
+
+        Synchronous on purpose: term/vote change only at elections, and doing it here means no
+        code path can send a message before the vote is on disk. A commit-only change stays in
+        memory until the next durable write (or `close()`), which is safe to lose.
+        """
+        self._check_open()
+        self._hs = hs
+        durable = self._durable_hs
+        if hs.term != durable.term or hs.vote != durable.vote:
+            self._write_hard_state(hs)
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Make `snapshot` durable, then cut the log to it.
+
+        If the log holds the snapshot's index with the snapshot's term, the entries after it
+        are the same as the leader's (Log Matching) and are kept; otherwise the whole log is
+        replaced by an empty one starting at index + 1. The snapshot is durable before the log
+        is touched, so a crash in between is finished by the next open.
+        """
+        self._check_open()
+        if snapshot.meta.index < self.snapshot_index:
+            raise InvalidRequest(
+                f"snapshot at {snapshot.meta.index} is older than the stored one at "
+                f"{self.snapshot_index}"
+            )
+        self._atomic_write(self._snap_dir, _SNAP_FILE, _encode_snapshot(snapshot))
+        self._snapshot = snapshot
+        self._reconcile()
+
+    def compact(self, index: int) -> None:
+        """Drop whole log segments whose entries are all below `index` (retention).
+
+        Clamped to the snapshot index + 1: entries after the stored snapshot are the only copy
+        of that part of the log, and a gap would make the store unloadable. So call
+        `save_snapshot` first (it already compacts up to the snapshot).
+        """
+        self._check_open()
+        self._log.truncate_before(min(index, self.snapshot_index + 1))
+
+    def close(self) -> None:
+        """Sync the log, write a lagging commit index, release the directory."""
+        if self._closed:
+            return
+        try:
+            if self._hs != self._durable_hs:
+                self._write_hard_state(self._hs)
+        finally:
+            self._log.close()
+            self._closed = True
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> RaftStorage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidRequest(f"raft storage {self.directory} is closed")
+
+    def _reconcile(self) -> None:
+        """Bring the log in line with the snapshot: keep only entries that provably follow it.
+
+        Idempotent; run on every open and after every `save_snapshot`, so an interrupted
+        snapshot installation or log reset is completed by the next open.
+        """
+        log = self._log
+        index, term = self.snapshot_index, self.snapshot_term
+        lowest, last = log.lowest_offset, log.highest_offset
+        if last < lowest:  # empty log
+            if log.next_offset != index + 1:
+                if log.next_offset > index + 1:
+                    logger.warning(
+                        "raft log empty but continues past the snapshot; resetting "
+                        "path=%s next=%d snapshot=%d", log.directory, log.next_offset, index,
+                    )
+                log.reset(index + 1)
+            return
+        if lowest == index + 1:
+            return  # the log starts right after the snapshot (e.g. compacted at a boundary)
+        if lowest > index + 1:
+            raise CorruptRecord(
+                str(log.directory), 0,
+                f"raft log starts at {lowest}, after the snapshot at {index}: entries missing",
+            )
+        if index <= last and self._log_term(index) == term:
+            log.truncate_before(index + 1)
+            return
+        # The log does not continue the snapshot. Cut every entry first, from the END (each
+        # removal durable), so a crash inside the reset below can only leave entries <= index,
+        # which the next open discards; never a later segment that happens to start at
+        # index + 1 and would pass for a continuation of the snapshot.
+        log.truncate_after(lowest - 1)
+        log.reset(index + 1)
+
+    def _log_term(self, index: int) -> int:
+        raw = self._log.read(index)
+        if len(raw) < _RECORD_HEADER_SIZE:
+            raise CorruptRecord(str(self._log.directory), index, "raft record too short")
+        term: int = _TERM.unpack_from(raw, 0)[0]
+        return term
+
+    def _read_hard_state(self) -> HardState:
+        path = self._state_dir / _HS_FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return HardState()
+        return _decode_hard_state(raw, str(path))
+
+    def _write_hard_state(self, hs: HardState) -> None:
+        self._atomic_write(self._state_dir, _HS_FILE, [_encode_hard_state(hs)])
+        self._durable_hs = hs
+
+    def _read_snapshot(self) -> Snapshot | None:
+        path = self._snap_dir / _SNAP_FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return _decode_snapshot(raw, str(path))
+
+    def _atomic_write(self, directory: Path, name: str, parts: list[bytes]) -> None:
+        """Write temp, fsync, rename over `name`, fsync the directory: readers (and a restart
+        after a crash) see the old file or the new one, never a mix."""
+        tmp = directory / (name + _TMP_SUFFIX)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, directory / name)
+        self._sync_dir(directory)
+
+    @staticmethod
+    def _sync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

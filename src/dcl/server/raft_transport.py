@@ -1,0 +1,248 @@
+"""Raft messages over gRPC on the client API's port, and the Admin service.
+
+Sending: one long-lived `dcl.v1.Raft/Send` client stream per peer, fed from a bounded queue
+by a task that drains everything queued into one RaftBatch per write, so a burst of messages
+costs one HTTP/2 frame sequence, not one RPC each. Delivery is best effort: when the stream
+breaks the queued messages are dropped (Raft retransmits) and the task reconnects with
+backoff. Receiving: the Raft service steps each message into the local driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+
+from grpclib.client import Channel
+from grpclib.server import Stream
+
+from dcl.api.dcl.v1 import admin_pb2, raft_grpc, raft_pb2
+from dcl.api.dcl.v1.admin_grpc import AdminBase
+from dcl.errors import DclError, InvalidRequest, NotLeader, Unavailable
+from dcl.raft.driver import RaftDriver
+from dcl.raft.types import ConfChange, ConfChangeType, Message, ProposalDropped, Role
+from dcl.raft.wire import decode_message, encode_message
+from dcl.server.errors import send_error
+from dcl.server.replicated import ReplicatedBackend, encode_address_cmd
+
+__all__ = ["AdminService", "GrpcTransport", "RaftService"]
+
+log = logging.getLogger(__name__)
+
+_QUEUE_LIMIT = 8192
+
+
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class _Peer:
+    def __init__(self, peer_id: str, transport: GrpcTransport) -> None:
+        self.id = peer_id
+        self._transport = transport
+        self.queue: list[Message] = []
+        self.ready = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"raft-peer-{peer_id}")
+
+    def push(self, messages: Sequence[Message]) -> None:
+        self.queue.extend(messages)
+        if len(self.queue) > _QUEUE_LIMIT:  # peer is down: keep the newest, Raft resends
+            del self.queue[: len(self.queue) - _QUEUE_LIMIT]
+        self.ready.set()
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            addr = self._transport.address_of(self.id)
+            if not addr:
+                self.queue.clear()
+                self.ready.clear()
+                await self.ready.wait()
+                continue
+            host, port = _split_addr(addr)
+            channel = Channel(host, port, ssl=self._transport.ssl_context)
+            try:
+                stub = raft_grpc.RaftStub(channel)
+                async with stub.Send.open() as stream:
+                    backoff = 0.05
+                    while True:
+                        if not self.queue:
+                            self.ready.clear()
+                            await self.ready.wait()
+                        batch, self.queue = self.queue, []
+                        src_addr = self._transport.local_addr
+                        await stream.send_message(raft_pb2.RaftBatch(
+                            messages=[encode_message(m, src_addr) for m in batch]))
+                        if self._transport.address_of(self.id) != addr:
+                            break  # the peer moved: reconnect to its new address
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("raft stream to %s (%s) failed: %r", self.id, addr, exc)
+                self.queue.clear()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            finally:
+                channel.close()
+
+
+class GrpcTransport:
+    """dcl.raft.driver.Transport over per-peer gRPC streams."""
+
+    def __init__(self, ssl_context: ssl.SSLContext, local_addr: str,
+                 address_of: Callable[[str], str | None]) -> None:
+        self.ssl_context = ssl_context
+        self.local_addr = local_addr
+        self.address_of = address_of
+        self._peers: dict[str, _Peer] = {}
+
+    def send(self, messages: Sequence[Message]) -> None:
+        by_peer: dict[str, list[Message]] = {}
+        for m in messages:
+            by_peer.setdefault(m.dst, []).append(m)
+        for dst, msgs in by_peer.items():
+            peer = self._peers.get(dst)
+            if peer is None:
+                peer = self._peers[dst] = _Peer(dst, self)
+            peer.push(msgs)
+
+    async def close(self) -> None:
+        for peer in self._peers.values():
+            peer.task.cancel()
+        for peer in self._peers.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await peer.task
+        self._peers.clear()
+
+
+class RaftService(raft_grpc.RaftBase):
+    """Receives peers' message batches and steps them into the local driver."""
+
+    def __init__(self, driver: RaftDriver, learn_address: Callable[[str, str], None]) -> None:
+        self._driver = driver
+        self._learn = learn_address
+
+    async def Send(
+        self, stream: Stream[raft_pb2.RaftBatch, raft_pb2.RaftSendSummary]
+    ) -> None:
+        received = 0
+        async for batch in stream:
+            for pm in batch.messages:
+                try:
+                    m = decode_message(pm)
+                except DclError as exc:
+                    log.warning("dropping malformed raft message: %s", exc)
+                    continue
+                if pm.src_addr:
+                    self._learn(m.src, pm.src_addr)
+                self._driver.receive(m)
+                received += 1
+        await stream.send_message(raft_pb2.RaftSendSummary(received=received))
+
+
+class AdminService(AdminBase):
+    """Join / Leave / Cluster. Membership changes run on the leader only."""
+
+    def __init__(self, backend: ReplicatedBackend, *, catch_up_timeout: float = 30.0) -> None:
+        self._backend = backend
+        self._driver = backend.driver
+        self._catch_up_timeout = catch_up_timeout
+
+    def _require_leader(self) -> None:
+        core = self._driver.core
+        if core.role is not Role.LEADER:
+            leader = core.leader_id
+            raise NotLeader(leader, self._backend.fsm.addresses.get(leader) if leader else None)
+
+    async def _conf_change(self, cc: ConfChange) -> None:
+        """Propose a conf change, waiting while another one is pending (one at a time)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._catch_up_timeout
+        while True:
+            self._require_leader()
+            try:
+                await self._driver.propose_conf_change(cc)
+                return
+            except ProposalDropped:
+                if loop.time() > deadline:
+                    raise Unavailable("membership change still blocked") from None
+                await asyncio.sleep(0.05)
+
+    async def join(self, node_id: str, rpc_addr: str, voter: bool) -> None:
+        if not node_id or not rpc_addr:
+            raise InvalidRequest("join needs an id and an rpc_addr")
+        self._require_leader()
+        core = self._driver.core
+        if self._backend.fsm.addresses.get(node_id) != rpc_addr:
+            await self._driver.propose(encode_address_cmd(node_id, rpc_addr))
+        if node_id not in core.voters and node_id not in core.learners:
+            await self._conf_change(ConfChange(ConfChangeType.ADD_LEARNER, node_id))
+        if voter and node_id not in core.voters:
+            await self._wait_caught_up(node_id)
+            await self._conf_change(ConfChange(ConfChangeType.PROMOTE_LEARNER, node_id))
+
+    async def _wait_caught_up(self, node_id: str) -> None:
+        """A learner becomes a voter only once it holds the log up to the commit index, so
+        promoting it never stalls commits behind a slow catch-up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._catch_up_timeout
+        while True:
+            self._require_leader()
+            pr = self._driver.core.progress().get(node_id)
+            if pr is not None and pr.match >= self._driver.core.commit_index:
+                return
+            if loop.time() > deadline:
+                raise Unavailable(f"{node_id} did not catch up in time")
+            await asyncio.sleep(0.02)
+
+    async def leave(self, node_id: str) -> None:
+        self._require_leader()
+        core = self._driver.core
+        if node_id in core.voters or node_id in core.learners:
+            await self._conf_change(ConfChange(ConfChangeType.REMOVE_NODE, node_id))
+
+    async def Join(self, stream: Stream[admin_pb2.JoinRequest, admin_pb2.JoinResponse]) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        try:
+            await self.join(req.id, req.rpc_addr, req.voter)
+        except DclError as exc:
+            await send_error(stream, exc)
+            return
+        await stream.send_message(admin_pb2.JoinResponse())
+
+    async def Leave(
+        self, stream: Stream[admin_pb2.LeaveRequest, admin_pb2.LeaveResponse]
+    ) -> None:
+        req = await stream.recv_message()
+        assert req is not None
+        try:
+            await self.leave(req.id)
+        except DclError as exc:
+            await send_error(stream, exc)
+            return
+        await stream.send_message(admin_pb2.LeaveResponse())
+
+    async def Cluster(
+        self, stream: Stream[admin_pb2.ClusterRequest, admin_pb2.ClusterResponse]
+    ) -> None:
+        await stream.recv_message()
+        core = self._driver.core
+        st = core.status()
+        servers = []
+        for sid in sorted(st.voters | st.learners | {st.id}):
+            if sid == st.id:
+                role, last, applied = st.role.value, st.last_index, st.applied_index
+            else:
+                pr = st.progress.get(sid)
+                role = ("leader" if sid == st.leader_id else
+                        "learner" if sid in st.learners else "follower")
+                last, applied = (pr.match if pr else 0), 0
+            servers.append(admin_pb2.ServerStatus(
+                id=sid, rpc_addr=self._backend.fsm.addresses.get(sid, ""), role=role,
+                term=st.term, last_index=last, applied_index=applied, voter=sid in st.voters))
+        await stream.send_message(
+            admin_pb2.ClusterResponse(servers=servers, leader_id=st.leader_id or ""))
