@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/dcl --help
+	$(VENV)/bin/dcl dev
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

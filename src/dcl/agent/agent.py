@@ -15,6 +15,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpclib.client import Channel
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from dcl.api.dcl.v1 import admin_grpc, admin_pb2
 from dcl.raft.driver import RaftDriver
 from dcl.raft.storage import RaftStorage
 from dcl.raft.types import Config as RaftConfig
@@ -56,6 +60,8 @@ class AgentConfig:
     log_level: str = "INFO"
     checkpoint_seconds: float = 2.0
     start_join_addrs: list[str] = field(default_factory=list)
+    #: RPC addresses of cluster members to ask for admission (Admin.Join) at start.
+    join_rpc_addrs: list[str] = field(default_factory=list)
 
     @property
     def rpc_addr(self) -> str:
@@ -79,6 +85,7 @@ class Agent:
             ("logger", self._setup_logger),
             ("log", self._setup_log),
             ("server", self._setup_server),
+            ("join", self._join_cluster),
         ]
         for name, step in steps:
             try:
@@ -173,6 +180,56 @@ class Agent:
         )
         await self.server.start()
         self._undo.append(self.server.close)
+
+    async def _join_cluster(self) -> None:
+        """Ask the cluster (any of `join_rpc_addrs`; redirected to the leader) to add us.
+
+        Runs in the background: the node already serves and catches up as a learner.
+        """
+        if not self.config.join_rpc_addrs or self.config.bootstrap:
+            return
+        task = asyncio.get_running_loop().create_task(self._join_loop())
+
+        async def cancel() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self._undo.append(cancel)
+
+    async def _join_loop(self) -> None:
+        cfg = self.config
+        ctx = client_context(cfg.peer_tls_cert_file, cfg.peer_tls_key_file, cfg.peer_tls_ca_file)
+        targets = list(cfg.join_rpc_addrs)
+        delay = 0.1
+        for attempt in range(600):
+            addr = targets[attempt % len(targets)]
+            host, _, port = addr.rpartition(":")
+            channel = Channel(host, int(port), ssl=ctx)
+            try:
+                async with asyncio.timeout(60):
+                    async with admin_grpc.AdminStub(channel).Join.open() as stream:
+                        await stream.send_message(admin_pb2.JoinRequest(
+                            id=cfg.node_name, rpc_addr=cfg.rpc_addr, voter=True), end=True)
+                        try:
+                            await stream.recv_message()
+                            await stream.recv_trailing_metadata()
+                        except GRPCError as exc:
+                            leader = str(dict(stream.trailing_metadata or {}).get(
+                                "dcl-leader", ""))
+                            if leader and leader not in targets[:1]:
+                                targets.insert(0, leader)
+                            log.debug("join via %s failed: %s", addr, exc.message)
+                            raise
+                log.info("joined cluster via=%s", addr)
+                return
+            except (GRPCError, OSError, TimeoutError, StreamTerminatedError) as exc:
+                log.debug("join via %s failed: %r", addr, exc)
+            finally:
+                channel.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        log.error("giving up joining the cluster")
 
     # ------------------------------------------------------------------ hooks
 

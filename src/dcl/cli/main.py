@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 import dcl
-from dcl.cli import certs
+from dcl.cli import agent, certs
 
 app = typer.Typer(
     name="dcl",
@@ -14,6 +14,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(certs.app, name="certs")
+app.command("agent")(agent.agent)
+app.command("dev")(agent.dev)
 
 
 @app.command()
@@ -24,3 +26,7 @@ def version() -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -89,9 +89,10 @@ def _decode_entry(index: int, raw: bytes, path: str) -> Entry:
 
 def _encode_hard_state(hs: HardState) -> bytes:
     vote = b"" if hs.vote is None else hs.vote.encode()
-    body = _HS_HEADER.pack(
-        _HS_MAGIC, _VERSION, hs.term, hs.commit, hs.vote is not None, len(vote)
-    ) + vote
+    body = (
+        _HS_HEADER.pack(_HS_MAGIC, _VERSION, hs.term, hs.commit, hs.vote is not None, len(vote))
+        + vote
+    )
     return body + _CRC.pack(zlib.crc32(body))
 
 
@@ -398,7 +399,10 @@ class RaftStorage:
                 if log.next_offset > index + 1:
                     logger.warning(
                         "raft log empty but continues past the snapshot; resetting "
-                        "path=%s next=%d snapshot=%d", log.directory, log.next_offset, index,
+                        "path=%s next=%d snapshot=%d",
+                        log.directory,
+                        log.next_offset,
+                        index,
                     )
                 log.reset(index + 1)
             return
@@ -406,7 +410,8 @@ class RaftStorage:
             return  # the log starts right after the snapshot (e.g. compacted at a boundary)
         if lowest > index + 1:
             raise CorruptRecord(
-                str(log.directory), 0,
+                str(log.directory),
+                0,
                 f"raft log starts at {lowest}, after the snapshot at {index}: entries missing",
             )
         if index <= last and self._log_term(index) == term:

@@ -1,0 +1,195 @@
+"""`dcl agent` (one node) and `dcl dev` (a local 3-node cluster in the foreground).
+
+Configuration precedence: flags > DCL_* environment variables > YAML config file > defaults.
+Flags and environment variables arrive through typer (both fill the parameter); anything still
+unset is taken from the config file, then from AgentConfig's defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from dcl.agent.agent import Agent, AgentConfig
+
+_KEYS = (
+    "data_dir", "node_name", "bind_addr", "rpc_port", "start_join_addrs", "join_rpc_addrs",
+    "bootstrap", "acl_model_file", "acl_policy_file", "server_tls_cert_file",
+    "server_tls_key_file", "server_tls_ca_file", "peer_tls_cert_file", "peer_tls_key_file",
+    "peer_tls_ca_file", "gossip_key_file", "snapshot_threshold", "segment_bytes", "log_level",
+)
+_REQUIRED_FILES = (
+    "acl_model_file", "acl_policy_file", "server_tls_cert_file", "server_tls_key_file",
+    "server_tls_ca_file", "peer_tls_cert_file", "peer_tls_key_file", "peer_tls_ca_file",
+)
+
+
+def _opt(name: str, help_text: str) -> Any:
+    return typer.Option(f"--{name.replace('_', '-')}", envvar=f"DCL_{name.upper()}",
+                        help=help_text)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfig:
+    """Merge flag/env values over the YAML file; raise typer.Exit with one clear line."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise _fail(f"cannot read config file {config_file}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise _fail(f"config file {config_file} is not a mapping")
+        unknown = set(k.replace("-", "_") for k in loaded) - set(_KEYS)
+        if unknown:
+            raise _fail(f"unknown keys in {config_file}: {', '.join(sorted(unknown))}")
+        merged.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    merged.update({k: v for k, v in values.items() if v is not None and v != []})
+    for key in _REQUIRED_FILES:
+        path = merged.get(key)
+        if not path:
+            raise _fail(f"--{key.replace('_', '-')} is required")
+        if not Path(path).is_file():
+            raise _fail(f"no such file: {path} (--{key.replace('_', '-')})")
+    host = str(merged.get("bind_addr", "127.0.0.1:8401")).rpartition(":")[0] or "127.0.0.1"
+
+    def addrs(key: str) -> list[str]:
+        raw = merged.get(key) or []
+        items = raw.split(",") if isinstance(raw, str) else [str(a) for a in raw]
+        return [a.strip() for s in items for a in s.split(",") if a.strip()]
+
+    return AgentConfig(
+        data_dir=Path(merged.get("data_dir", "./dcl-data")),
+        node_name=str(merged.get("node_name") or os.uname().nodename),
+        rpc_host=host,
+        rpc_port=int(merged.get("rpc_port", 8400)),
+        bootstrap=bool(merged.get("bootstrap", False)),
+        start_join_addrs=addrs("start_join_addrs"),
+        join_rpc_addrs=addrs("join_rpc_addrs"),
+        server_tls_cert_file=Path(merged["server_tls_cert_file"]),
+        server_tls_key_file=Path(merged["server_tls_key_file"]),
+        server_tls_ca_file=Path(merged["server_tls_ca_file"]),
+        peer_tls_cert_file=Path(merged["peer_tls_cert_file"]),
+        peer_tls_key_file=Path(merged["peer_tls_key_file"]),
+        peer_tls_ca_file=Path(merged["peer_tls_ca_file"]),
+        acl_model_file=Path(merged["acl_model_file"]),
+        acl_policy_file=Path(merged["acl_policy_file"]),
+        snapshot_threshold_entries=int(merged.get("snapshot_threshold", 100_000)),
+        segment_bytes=int(merged.get("segment_bytes", 64 << 20)),
+        log_level=str(merged.get("log_level", "INFO")),
+    )
+
+
+async def run_agent(config: AgentConfig) -> None:
+    """Run until SIGTERM/SIGINT; a second signal exits at once."""
+    agent = Agent(config)
+    await agent.start()
+    typer.echo(f"node {config.node_name} serving on {config.rpc_addr}", err=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            os._exit(130)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await stop.wait()
+    await agent.shutdown()
+
+
+def agent(
+    config_file: Annotated[Path | None, _opt("config_file", "YAML config file.")] = None,
+    data_dir: Annotated[Path | None, _opt("data_dir", "Directory for logs and state.")] = None,
+    node_name: Annotated[str | None, _opt("node_name", "Unique node id.")] = None,
+    bind_addr: Annotated[str | None, _opt(
+        "bind_addr", "Gossip address (host used for RPC too); default 127.0.0.1:8401.")] = None,
+    rpc_port: Annotated[int | None, _opt("rpc_port", "Client and Raft port; default 8400.")] = None,
+    start_join_addrs: Annotated[list[str] | None, _opt(
+        "start_join_addrs", "Gossip addresses to join (gossip is not wired yet).")] = None,
+    join_rpc_addrs: Annotated[list[str] | None, _opt(
+        "join_rpc_addrs", "RPC addresses of members to ask for admission.")] = None,
+    bootstrap: Annotated[bool | None, _opt("bootstrap", "Start a new cluster.")] = None,
+    acl_model_file: Annotated[Path | None, _opt("acl_model_file", "casbin model.")] = None,
+    acl_policy_file: Annotated[Path | None, _opt("acl_policy_file", "casbin policy.")] = None,
+    server_tls_cert_file: Annotated[Path | None, _opt("server_tls_cert_file", "")] = None,
+    server_tls_key_file: Annotated[Path | None, _opt("server_tls_key_file", "")] = None,
+    server_tls_ca_file: Annotated[Path | None, _opt("server_tls_ca_file", "")] = None,
+    peer_tls_cert_file: Annotated[Path | None, _opt("peer_tls_cert_file", "")] = None,
+    peer_tls_key_file: Annotated[Path | None, _opt("peer_tls_key_file", "")] = None,
+    peer_tls_ca_file: Annotated[Path | None, _opt("peer_tls_ca_file", "")] = None,
+    gossip_key_file: Annotated[Path | None, _opt("gossip_key_file", "Gossip key.")] = None,
+    snapshot_threshold: Annotated[int | None, _opt(
+        "snapshot_threshold", "Applied entries between snapshots.")] = None,
+    segment_bytes: Annotated[int | None, _opt("segment_bytes", "Max store segment size.")] = None,
+    log_level: Annotated[str | None, _opt("log_level", "DEBUG, INFO, WARNING...")] = None,
+) -> None:
+    """Run one DCL Store node."""
+    values = {k: v for k, v in locals().items() if k in _KEYS}
+    config = build_config(values, config_file)
+    try:
+        asyncio.run(run_agent(config))
+    except OSError as exc:
+        raise _fail(f"cannot start node: {exc}") from None
+    except Exception as exc:  # one clear line, not a traceback
+        if type(exc).__module__.startswith("dcl"):
+            raise _fail(str(exc)) from None
+        raise
+
+
+def dev(
+    directory: Annotated[Path, typer.Option("--dir", help="Work directory.")] = Path(".dcl-dev"),
+    base_port: Annotated[int, typer.Option("--base-port", help="First RPC port.")] = 8400,
+) -> None:
+    """Start a local 3-node cluster in the foreground (certificates created on first run)."""
+    from dcl.server.certs import PkiFiles, generate_pki
+
+    pki_dir = directory / "pki"
+    pki = PkiFiles(pki_dir) if (pki_dir / "ca.pem").exists() else generate_pki(pki_dir)
+    ports = [base_port + i for i in range(3)]
+    procs = []
+    for i, port in enumerate(ports):
+        args = [
+            sys.executable, "-m", "dcl.cli.main", "agent",
+            "--node-name", f"node-{i}", "--data-dir", str(directory / f"node-{i}"),
+            "--rpc-port", str(port), "--bind-addr", f"127.0.0.1:{port + 1000}",
+            "--acl-model-file", str(pki.acl_model), "--acl-policy-file", str(pki.acl_policy),
+            "--server-tls-cert-file", str(pki.server_cert),
+            "--server-tls-key-file", str(pki.server_key),
+            "--server-tls-ca-file", str(pki.ca_cert),
+            "--peer-tls-cert-file", str(pki.peer_cert), "--peer-tls-key-file", str(pki.peer_key),
+            "--peer-tls-ca-file", str(pki.ca_cert), "--log-level", "WARNING",
+        ]
+        args += ["--bootstrap"] if i == 0 else ["--join-rpc-addrs", f"127.0.0.1:{ports[0]}"]
+        procs.append(subprocess.Popen(args))
+    typer.echo(f"DCL Store dev cluster: {', '.join(f'127.0.0.1:{p}' for p in ports)}")
+    typer.echo(f"certificates in {pki_dir}; client identity root-client.pem (CN root)")
+    typer.echo("Ctrl-C stops all nodes.")
+    try:
+        for proc in procs:
+            proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except Exception:
+                proc.kill()
