@@ -1,0 +1,233 @@
+"""Benchmark a 3-node DCL Store cluster on loopback: every ack is fsynced on a quorum.
+
+Starts three `dcl agent` processes in a fresh temporary directory (file creation right after a
+large delete is slow on this disk and would skew write figures), then measures from this
+process over mutual TLS:
+
+  produce_p50/p99_ms     one-at-a-time log.v1 Produce latency
+  batch_1k / batch_100b  dcl.v1 ProduceBatch throughput (records/s, MB/s)
+  consume_follower_rps   dcl.v1 ConsumeBatch from a follower
+  unary_produce_64_rps   log.v1 Produce with 64 calls in flight
+  pstream_rps            log.v1 ProduceStream, 8 streams x 64 unanswered requests
+  cstream_rps            log.v1 ConsumeStream from a follower, one stream
+
+The last line is one JSON object with exactly those keys. `--quick` shrinks every phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from grpclib.client import Channel
+
+from dcl.api.dcl.v1 import batch_grpc, batch_pb2
+from dcl.api.log.v1 import log_grpc, log_pb2
+from dcl.server.certs import PkiFiles, generate_pki
+from dcl.server.tls import client_context
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_cluster(work: Path, pki: PkiFiles) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    ports = [free_port() for _ in range(3)]
+    procs = []
+    for i, port in enumerate(ports):
+        args = [
+            sys.executable, "-m", "dcl.cli.main", "agent", "--node-name", f"n{i}",
+            "--data-dir", str(work / f"n{i}"), "--rpc-port", str(port),
+            "--bind-addr", f"127.0.0.1:{free_port()}",
+            "--acl-model-file", str(pki.acl_model), "--acl-policy-file", str(pki.acl_policy),
+            "--server-tls-cert-file", str(pki.server_cert),
+            "--server-tls-key-file", str(pki.server_key),
+            "--server-tls-ca-file", str(pki.ca_cert), "--peer-tls-cert-file", str(pki.peer_cert),
+            "--peer-tls-key-file", str(pki.peer_key), "--peer-tls-ca-file", str(pki.ca_cert),
+            "--log-level", "WARNING", "--snapshot-threshold", "1000000000",
+        ]
+        args += ["--bootstrap"] if i == 0 else ["--join-rpc-addrs", f"127.0.0.1:{ports[0]}"]
+        procs.append(subprocess.Popen(args))
+    return procs, ports
+
+
+def pct(samples: list[float], p: float) -> float:
+    samples = sorted(samples)
+    return samples[min(len(samples) - 1, int(p / 100 * len(samples)))]
+
+
+async def wait_ready(channels: list[Channel]) -> int:
+    """Index of the leader once all three nodes report the same full membership."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            views = [await log_grpc.LogStub(c).GetServers(log_pb2.GetServersRequest(), timeout=2)
+                     for c in channels]
+            if all(len(v.servers) == 3 and sum(s.is_leader for s in v.servers) == 1
+                   for v in views):
+                leader_addr = next(s.rpc_addr for s in views[0].servers if s.is_leader)
+                if all(s.rpc_addr for s in views[0].servers):
+                    ports = [str(c._port) for c in channels]
+                    return ports.index(leader_addr.rpartition(":")[2])
+        except Exception:
+            pass
+        await asyncio.sleep(0.2)
+    raise SystemExit("cluster did not become ready")
+
+
+async def run(quick: bool) -> dict[str, float]:
+    scale = 0.2 if quick else 1.0
+    work = Path(tempfile.mkdtemp(prefix="dcl-bench-"))
+    pki = generate_pki(work / "pki")
+    procs, ports = start_cluster(work, pki)
+    ctx = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    channels = [Channel("127.0.0.1", p, ssl=ctx) for p in ports]
+    out: dict[str, float] = {}
+    try:
+        li = await wait_ready(channels)
+        leader, follower = channels[li], channels[(li + 1) % 3]
+        log_stub, batch_stub = log_grpc.LogStub(leader), batch_grpc.BatchStub(leader)
+
+        # One at a time.
+        lat = []
+        for _ in range(int(2000 * scale)):
+            t0 = time.perf_counter()
+            await log_stub.Produce(log_pb2.ProduceRequest(record=log_pb2.Record(value=b"x" * 100)))
+            lat.append((time.perf_counter() - t0) * 1000)
+        out["produce_p50_ms"] = round(pct(lat, 50), 3)
+        out["produce_p99_ms"] = round(pct(lat, 99), 3)
+        print(f"produce one-at-a-time: p50 {out['produce_p50_ms']} ms, "
+              f"p90 {pct(lat, 90):.3f} ms, p99 {out['produce_p99_ms']} ms")
+
+        async def batched(size: int, per_call: int, total: int, inflight: int) -> float:
+            values = [os.urandom(size)] * per_call
+            calls = total // per_call
+            sem = asyncio.Semaphore(inflight)
+
+            async def one() -> None:
+                async with sem:
+                    await batch_stub.ProduceBatch(batch_pb2.ProduceBatchRequest(values=values))
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(calls)))
+            return calls * per_call / (time.perf_counter() - t0)
+
+        rps = await batched(1024, 512, int(200_000 * scale), 4)
+        out["batch_1k_rps"] = round(rps)
+        out["batch_1k_mbps"] = round(rps * 1024 / 1e6, 1)
+        print(f"batch 1 KiB: {rps:,.0f} records/s, {rps * 1024 / 1e6:.1f} MB/s")
+        rps = await batched(100, 4096, int(600_000 * scale), 4)
+        out["batch_100b_rps"] = round(rps)
+        print(f"batch 100 B: {rps:,.0f} records/s")
+
+        # Consume everything from a follower in batches.
+        fstub = batch_grpc.BatchStub(follower)
+        nxt = (await batch_stub.ConsumeBatch(batch_pb2.ConsumeBatchRequest(offset=0))).next_offset
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = await fstub.ConsumeBatch(batch_pb2.ConsumeBatchRequest(offset=max(nxt - 1, 0)))
+            if r.next_offset >= nxt:
+                break
+            await asyncio.sleep(0.05)
+        t0, offset, n = time.perf_counter(), 0, 0
+        while offset < nxt:
+            r = await fstub.ConsumeBatch(batch_pb2.ConsumeBatchRequest(
+                offset=offset, max_records=16384, max_bytes=3 << 20))
+            offset += len(r.records)
+            n += len(r.records)
+        out["consume_follower_rps"] = round(n / (time.perf_counter() - t0))
+        print(f"consume from follower: {out['consume_follower_rps']:,} records/s ({n} records)")
+
+        # Unary Produce, 64 in flight.
+        total = int(20_000 * scale)
+        sem = asyncio.Semaphore(64)
+
+        async def unary() -> None:
+            async with sem:
+                await log_stub.Produce(log_pb2.ProduceRequest(record=log_pb2.Record(value=b"u")))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(unary() for _ in range(total)))
+        out["unary_produce_64_rps"] = round(total / (time.perf_counter() - t0))
+        print(f"unary Produce x64 in flight: {out['unary_produce_64_rps']:,} records/s")
+
+        # ProduceStream: 8 streams, 64 unanswered requests each.
+        per_stream = int(10_000 * scale)
+
+        async def pstream() -> None:
+            async with log_stub.ProduceStream.open() as st:
+                await st.send_request()
+                acked = 0
+                req = log_pb2.ProduceRequest(record=log_pb2.Record(value=b"s" * 100))
+
+                async def sender() -> None:
+                    for i in range(per_stream):
+                        while i - acked >= 64:
+                            await asyncio.sleep(0)
+                        await st.send_message(req)
+                    await st.end()
+
+                task = asyncio.create_task(sender())
+                while acked < per_stream:
+                    if await st.recv_message() is None:
+                        break
+                    acked += 1
+                await task
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(pstream() for _ in range(8)))
+        out["pstream_rps"] = round(8 * per_stream / (time.perf_counter() - t0))
+        print(f"ProduceStream 8x64: {out['pstream_rps']:,} records/s")
+
+        # ConsumeStream from a follower, one stream, over what is already there.
+        fl = log_grpc.LogStub(follower)
+        target = int(100_000 * scale)
+        t0 = time.perf_counter()
+        got = 0
+        async with fl.ConsumeStream.open() as st:
+            await st.send_message(log_pb2.ConsumeRequest(offset=0), end=True)
+            while got < target:
+                if await st.recv_message() is None:
+                    break
+                got += 1
+            await st.cancel()
+        out["cstream_rps"] = round(got / (time.perf_counter() - t0))
+        print(f"ConsumeStream from follower: {out['cstream_rps']:,} records/s")
+    finally:
+        for c in channels:
+            c.close()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    keys = ["produce_p50_ms", "produce_p99_ms", "batch_1k_rps", "batch_1k_mbps",
+            "batch_100b_rps", "consume_follower_rps", "unary_produce_64_rps", "pstream_rps",
+            "cstream_rps"]
+    return {k: out[k] for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.quick))))
+
+
+if __name__ == "__main__":
+    main()
