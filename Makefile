@@ -31,6 +31,8 @@ sim: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/storage.py
+	$(PY) bench/raft_core.py
+	$(PY) bench/cluster.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
