@@ -1,0 +1,17 @@
+"""The DCL Store client: discovery, leader routing, follower reads, safe retries.
+
+See dcl.client.client for the routing and duplication rules.
+"""
+
+from dcl.client.client import DclClient, ServerInfo
+from dcl.client.errors import BatchPartiallyWritten, ProduceOutcomeUnknown, RemoteError
+from dcl.client.sync import SyncClient
+
+__all__ = [
+    "BatchPartiallyWritten",
+    "DclClient",
+    "ProduceOutcomeUnknown",
+    "RemoteError",
+    "ServerInfo",
+    "SyncClient",
+]
