@@ -16,6 +16,7 @@ import pytest
 from grpclib.const import Status
 from grpclib.health.v1 import health_pb2
 
+from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.server.certs import PkiFiles
 from tests.integration.cluster_harness import TRANSIENT, Cluster, NodeProcess, eventually
 
@@ -60,6 +61,39 @@ async def test_records_produced_on_the_leader_are_readable_on_every_follower(
         for follower in cluster.others(leader):
             await wait_for_log(follower, expected)
             assert await follower.consume(first + 1) == b"batch-1"
+
+
+async def test_concurrent_and_pipelined_appends_each_get_their_own_offset(
+    pki: PkiFiles, tmp_path: Path
+) -> None:
+    """Appends in flight together share Raft entries on the leader (coalescing); every
+    acknowledgement must still name the offset that holds exactly that record, and a
+    ProduceStream's acks must come back in request order."""
+    async with Cluster(pki, tmp_path) as cluster:
+        leader = await cluster.wait_for_members(cluster.nodes, timeout=SETTLE)
+        acked: dict[int, bytes] = {}
+
+        async def unary(i: int) -> None:
+            value = b"unary-%d" % i
+            acked[await leader.produce(value)] = value
+
+        async def stream(s: int, count: int) -> None:
+            with leader.channel() as channel:
+                async with log_grpc.LogStub(channel).ProduceStream.open(timeout=30) as st:
+                    values = [b"stream-%d-%d" % (s, i) for i in range(count)]
+                    for value in values:  # all sent before any ack is read: pipelined
+                        await st.send_message(
+                            log_pb2.ProduceRequest(record=log_pb2.Record(value=value)))
+                    await st.end()
+                    offsets = [(await st.recv_message()).offset for _ in values]  # type: ignore[union-attr]
+            assert offsets == sorted(offsets), "stream acks out of request order"
+            acked.update(zip(offsets, values, strict=True))
+
+        await asyncio.gather(*(unary(i) for i in range(100)),
+                             *(stream(s, 200) for s in range(3)))
+        assert sorted(acked) == list(range(len(acked))) and len(acked) == 700
+        for node in cluster.nodes:
+            await wait_for_log(node, acked)
 
 
 async def test_every_node_serves_health_once_a_leader_exists(

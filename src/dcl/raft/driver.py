@@ -6,8 +6,8 @@ proposals from clients) calls into the core on the same event loop thread and wa
 Contract with the core (see dcl.raft.core): for each Ready the driver persists the snapshot,
 the entries and the hard state, fsyncs, and only then sends messages (except a steady leader's
 `send_before_persist` Ready, whose messages acknowledge nothing and go out first so
-replication overlaps the leader's own fsync); then it applies committed entries and calls
-`advance`. Group commit falls out of this: while one fsync runs in the executor, new
+replication overlaps the leader's own fsync, or after the apply when nothing is persisted);
+then it applies committed entries and calls `advance`. Group commit falls out of this: while one fsync runs in the executor, new
 proposals and acknowledgements accumulate in the core and the next Ready covers all of them
 with one fsync.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from dcl.errors import CommitTimeout, NotLeader, Unavailable
@@ -126,9 +126,16 @@ class RaftDriver:
         NotLeader when this node cannot take it (nothing was proposed, a retry elsewhere is
         safe); CommitTimeout when it was proposed but not seen committed in time (unknown).
         """
+        return await self.propose_nowait(data)
+
+    def propose_nowait(self, data: bytes) -> Awaitable[Any]:
+        """Propose `data` now, synchronously, and return an awaitable of its result.
+
+        Lets a caller that proposes several entries in one go fix their order in the log
+        without awaiting each one; errors as for `propose` (NotLeader raised here).
+        """
         self._check_running()
-        term, index = self.core.propose(data)
-        return await self._wait_applied(term, index)
+        return self._wait_applied(*self.core.propose(data))
 
     async def propose_conf_change(self, cc: ConfChange) -> None:
         self._check_running()
@@ -150,10 +157,14 @@ class RaftDriver:
         if self.core.role is not Role.LEADER:
             raise NotLeader(self.core.leader_id)
 
-    async def _wait_applied(self, term: int, index: int) -> Any:
+    def _wait_applied(self, term: int, index: int) -> Awaitable[Any]:
+        # The waiter is registered before returning, so it cannot miss its entry's apply.
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters[index] = (term, fut)
         self._wake.set()
+        return self._await_applied(term, index, fut)
+
+    async def _await_applied(self, term: int, index: int, fut: asyncio.Future[Any]) -> Any:
         try:
             async with asyncio.timeout(self._commit_timeout):
                 return await fut
@@ -162,7 +173,8 @@ class RaftDriver:
                 f"entry {index} (term {term}) not applied within {self._commit_timeout}s"
             ) from None
         finally:
-            self._waiters.pop(index, None)
+            if self._waiters.get(index, (0, None))[1] is fut:
+                del self._waiters[index]
 
     def _fail_waiters(self, exc: BaseException) -> None:
         for _, fut in self._waiters.values():
@@ -201,7 +213,10 @@ class RaftDriver:
 
     async def _handle(self, rd: Ready) -> None:
         loop = asyncio.get_running_loop()
-        if rd.send_before_persist and rd.messages:
+        # Early sending only pays off when there is something to persist meanwhile; otherwise
+        # apply first, so waiting proposers are answered before the commit broadcast is sent.
+        send_early = rd.send_before_persist and bool(rd.entries or rd.snapshot)
+        if send_early and rd.messages:
             self._transport.send(rd.messages)
         if rd.snapshot is not None:
             await loop.run_in_executor(None, self._storage.save_snapshot, rd.snapshot)
@@ -218,6 +233,8 @@ class RaftDriver:
             self._fsm.restore(rd.snapshot)
         if rd.committed_entries:
             self._apply(rd.committed_entries)
+        if rd.send_before_persist and not send_early and rd.messages:
+            self._transport.send(rd.messages)
         self.core.advance(rd)
         if rd.committed_entries:
             await self._maybe_snapshot()

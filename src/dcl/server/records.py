@@ -19,6 +19,8 @@ __all__ = [
     "consume_batch_response",
     "consume_response",
     "encode_consume_batch",
+    "encode_consume_response",
+    "encode_produce_response",
     "encode_record",
     "encode_varint",
 ]
@@ -72,8 +74,19 @@ def consume_batch_response(
 _CONSUME_RECORD = b"\x12"  # ConsumeResponse.record is field 2
 
 
+def encode_consume_response(record: bytes) -> bytes:
+    """A serialized ``ConsumeResponse`` wrapping a stored (serialized) record."""
+    return b"".join((_CONSUME_RECORD, encode_varint(len(record)), record))
+
+
 def consume_response(record: bytes) -> log_pb2.ConsumeResponse:
     """A ``ConsumeResponse`` wrapping a stored record with one C-level parse."""
-    return log_pb2.ConsumeResponse.FromString(
-        b"".join((_CONSUME_RECORD, encode_varint(len(record)), record))
-    )
+    return log_pb2.ConsumeResponse.FromString(encode_consume_response(record))
+
+
+_PRODUCE_OFFSET = b"\x08"  # ProduceResponse.offset is field 1 (varint)
+
+
+def encode_produce_response(offset: int) -> bytes:
+    """A serialized ``ProduceResponse`` (proto3: offset 0 is the empty message)."""
+    return _PRODUCE_OFFSET + encode_varint(offset) if offset else b""

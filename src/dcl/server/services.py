@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from grpclib.server import Stream
 
@@ -18,7 +18,13 @@ from dcl.api.dcl.v1 import batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.errors import InvalidRequest
 from dcl.server.backend import Backend
-from dcl.server.records import consume_batch_response, consume_response
+from dcl.server.framing import send_encoded
+from dcl.server.records import (
+    consume_batch_response,
+    consume_response,
+    encode_consume_response,
+    encode_produce_response,
+)
 
 __all__ = [
     "DEFAULT_MAX_RECORD_BYTES",
@@ -76,6 +82,15 @@ def _failed(exc: BaseException) -> asyncio.Future[int]:
     return future
 
 
+def _succeeded(ack: object) -> TypeGuard[asyncio.Future[int]]:
+    return (
+        isinstance(ack, asyncio.Future)
+        and ack.done()
+        and not ack.cancelled()
+        and ack.exception() is None
+    )
+
+
 def _discard(pending: asyncio.Queue[Awaitable[int] | None]) -> None:
     # Acks nobody will send: retrieve their exceptions so asyncio does not log them as lost.
     while not pending.empty():
@@ -118,8 +133,9 @@ class LogService(log_grpc.LogBase):
             records = backend.read_batch(
                 offset, limits.default_batch_records, limits.default_batch_bytes
             )
-            for record in records:
-                await stream.send_message(consume_response(record))
+            # One write for the whole batch (dcl.server.framing): per-message sends would
+            # cost a DATA frame, a TLS record and a syscall per record.
+            await send_encoded(stream, [encode_consume_response(r) for r in records])
             offset += len(records)
 
     async def ProduceStream(
@@ -135,8 +151,16 @@ class LogService(log_grpc.LogBase):
         reader = asyncio.create_task(self._read_produce_requests(stream, pending))
         try:
             while (ack := await pending.get()) is not None:
-                offset = await ack
-                await stream.send_message(log_pb2.ProduceResponse(offset=offset))
+                acks = [encode_produce_response(await ack)]
+                # Acks that are already settled go out in the same write (appends made in
+                # one loop turn share a Raft entry, so they settle together).
+                while not pending.empty():
+                    head: object = pending._queue[0]  # type: ignore[attr-defined]
+                    if not _succeeded(head):
+                        break  # not settled yet, a failure (reported in order), or the end
+                    pending.get_nowait()
+                    acks.append(encode_produce_response(head.result()))
+                await send_encoded(stream, acks)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
