@@ -7,9 +7,9 @@ Contract with the core (see dcl.raft.core): for each Ready the driver persists t
 the entries and the hard state, fsyncs, and only then sends messages (except a steady leader's
 `send_before_persist` Ready, whose messages acknowledge nothing and go out first so
 replication overlaps the leader's own fsync, or after the apply when nothing is persisted);
-then it applies committed entries and calls `advance`. Group commit falls out of this: while one fsync runs in the executor, new
-proposals and acknowledgements accumulate in the core and the next Ready covers all of them
-with one fsync.
+then it applies committed entries and calls `advance`. Group commit falls out of this:
+while one fsync runs in the executor, new proposals and acknowledgements accumulate in the
+core and the next Ready covers all of them with one fsync.
 """
 
 from __future__ import annotations
