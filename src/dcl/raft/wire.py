@@ -6,8 +6,6 @@ new message type needs exactly one encoder and one decoder here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from dcl.api.dcl.v1 import raft_pb2 as pb
 from dcl.errors import InvalidRequest
 from dcl.raft.types import (
@@ -26,7 +24,7 @@ from dcl.raft.types import (
     VoteResponse,
 )
 
-__all__ = ["decode_message", "encode_message"]
+__all__ = ["decode_message", "encode_message", "encode_message_into"]
 
 
 def _meta_to_pb(meta: SnapshotMeta) -> pb.RaftSnapshotMeta:
@@ -36,40 +34,62 @@ def _meta_to_pb(meta: SnapshotMeta) -> pb.RaftSnapshotMeta:
     )
 
 
-def _entries_to_pb(entries: Iterable[Entry]) -> list[pb.RaftEntry]:
-    return [pb.RaftEntry(term=e.term, index=e.index, type=int(e.type), data=e.data)
-            for e in entries]
-
-
 def encode_message(m: Message, src_addr: str = "") -> pb.RaftMessage:
     """Core message -> protobuf. `src_addr` lets receivers learn where the sender serves."""
-    out = pb.RaftMessage(term=m.term, src=m.src, dst=m.dst, src_addr=src_addr)
+    out = pb.RaftMessage()
+    encode_message_into(out, m, src_addr)
+    return out
+
+
+def encode_message_into(out: pb.RaftMessage, m: Message, src_addr: str = "") -> None:
+    """Fill `out` (e.g. ``batch.messages.add()``) in place.
+
+    Building sub-messages in place, not constructing them and `CopyFrom`-ing them into a
+    parent, matters for AppendEntries: entry payloads are the bulk of replication traffic and
+    every intermediate message would copy them once more.
+    """
+    out.term, out.src, out.dst = m.term, m.src, m.dst
+    if src_addr:
+        out.src_addr = src_addr
     if isinstance(m, AppendEntries):
-        out.append.CopyFrom(pb.AppendEntriesMsg(
-            prev_index=m.prev_index, prev_term=m.prev_term, entries=_entries_to_pb(m.entries),
-            commit=m.commit, want_response=m.want_response))
+        a = out.append
+        a.prev_index, a.prev_term, a.commit = m.prev_index, m.prev_term, m.commit
+        a.want_response = m.want_response
+        add = a.entries.add
+        for e in m.entries:
+            add(term=e.term, index=e.index, type=int(e.type), data=e.data)
+        if not m.entries:
+            a.SetInParent()
     elif isinstance(m, AppendResponse):
-        out.append_response.CopyFrom(pb.AppendResponseMsg(
-            index=m.index, reject=m.reject, hint_index=m.hint_index, hint_term=m.hint_term))
+        r = out.append_response
+        r.index, r.reject, r.hint_index, r.hint_term = m.index, m.reject, m.hint_index, m.hint_term
+        r.SetInParent()
     elif isinstance(m, RequestVote):
-        out.vote.CopyFrom(pb.RequestVoteMsg(
-            last_index=m.last_index, last_term=m.last_term, pre_vote=m.pre_vote,
-            transfer=m.transfer))
+        v = out.vote
+        v.last_index, v.last_term, v.pre_vote, v.transfer = (
+            m.last_index, m.last_term, m.pre_vote, m.transfer)
+        v.SetInParent()
     elif isinstance(m, VoteResponse):
-        out.vote_response.CopyFrom(pb.VoteResponseMsg(granted=m.granted, pre_vote=m.pre_vote))
+        vr = out.vote_response
+        vr.granted, vr.pre_vote = m.granted, m.pre_vote
+        vr.SetInParent()
     elif isinstance(m, Heartbeat):
-        out.heartbeat.CopyFrom(pb.HeartbeatMsg(commit=m.commit, context=m.context))
+        h = out.heartbeat
+        h.commit, h.context = m.commit, m.context
+        h.SetInParent()
     elif isinstance(m, HeartbeatResponse):
-        out.heartbeat_response.CopyFrom(pb.HeartbeatResponseMsg(context=m.context))
+        out.heartbeat_response.context = m.context
+        out.heartbeat_response.SetInParent()
     elif isinstance(m, InstallSnapshot):
-        out.snapshot.CopyFrom(pb.InstallSnapshotMsg(
-            meta=_meta_to_pb(m.meta), offset=m.offset, data=m.data, done=m.done))
+        sn = out.snapshot
+        sn.meta.CopyFrom(_meta_to_pb(m.meta))
+        sn.offset, sn.data, sn.done = m.offset, m.data, m.done
     elif isinstance(m, SnapshotResponse):
-        out.snapshot_response.CopyFrom(pb.SnapshotResponseMsg(
-            index=m.index, offset=m.offset, done=m.done))
+        sr = out.snapshot_response
+        sr.index, sr.offset, sr.done = m.index, m.offset, m.done
+        sr.SetInParent()
     else:
         out.timeout_now.SetInParent()
-    return out
 
 
 def decode_message(p: pb.RaftMessage) -> Message:
