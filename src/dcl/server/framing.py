@@ -1,4 +1,4 @@
-"""Many gRPC messages in one HTTP/2 write, for server-streaming hot paths.
+"""Fewer, larger writes: many gRPC messages per HTTP/2 write, and corked transports.
 
 grpclib's ``Stream.send_message`` frames, encodes and writes one message at a time: one
 HTTP/2 DATA frame, one TLS record and one socket write per message. A ConsumeStream that
@@ -16,13 +16,14 @@ tests exercise this path end to end, so a change there fails loudly.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 from grpclib.server import Stream
 
-__all__ = ["frame_messages", "send_encoded"]
+__all__ = ["CorkedTransport", "frame_messages", "send_encoded"]
 
 _PREFIX = struct.Struct(">?I")
 
@@ -45,3 +46,48 @@ async def send_encoded(stream: Stream[Any, Any], payloads: Sequence[bytes]) -> N
     await stream._stream.send_data(frame_messages(payloads))
     stream._send_message_done = True
     stream._messages_sent += len(payloads)
+
+
+class CorkedTransport:
+    """A transport wrapper that coalesces the writes of one event-loop turn into one.
+
+    grpclib writes each HTTP/2 frame group as soon as it is produced: a unary response is
+    three writes (headers, message, trailers), each its own TLS record and ``send`` syscall,
+    and 64 calls finishing together are 192 of them. Buffering until the loop's next turn
+    turns that into one TLS record and one syscall per turn, at the cost of delaying the
+    bytes until the current turn's callbacks have run (which is when they would have been
+    sent together anyway under load). Everything but ``write``/``close`` passes through.
+    """
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        self._inner = inner
+        self._buffer: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._buffer:
+            self._loop.call_soon(self.flush)
+        self._buffer.append(bytes(data))
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        if not self._inner.is_closing():
+            self._inner.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._inner.close()
+
+    def is_closing(self) -> bool:
+        return self._inner.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._inner.get_extra_info(name, default)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)

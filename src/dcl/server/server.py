@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Collection, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from google.protobuf.message import DecodeError
 from grpclib.const import Status
@@ -23,14 +23,16 @@ from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.check import ServiceCheck
 from grpclib.health.service import OVERALL, Health
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
 from dcl.errors import Unavailable
 from dcl.server.acl import Action, Authorizer
 from dcl.server.backend import Backend
 from dcl.server.errors import send_error
+from dcl.server.framing import CorkedTransport
 from dcl.server.services import BatchService, Limits, LogService
-from dcl.server.tls import peer_common_name
+from dcl.tls import peer_common_name
 
 if TYPE_CHECKING:
     from grpclib._typing import IProtoMessage, IServable, IServerMethodFunc
@@ -95,6 +97,21 @@ def _action_for(method: str, actions: Mapping[str, Action | None]) -> Action | N
     raise ValueError(f"no ACL action for RPC method {method}; add it to the method actions")
 
 
+class _CorkedH2Protocol(H2Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        corked = CorkedTransport(cast(asyncio.Transport, transport))
+        super().connection_made(cast(asyncio.BaseTransport, corked))  # duck-typed wrapper
+
+
+class _CorkedServer(Server):
+    """grpclib's Server with every connection's writes coalesced per loop turn
+    (dcl.server.framing.CorkedTransport): fewer TLS records and syscalls per call."""
+
+    def _protocol_factory(self) -> H2Protocol:
+        base = super()._protocol_factory()
+        return _CorkedH2Protocol(base.handler, base.config, base.h2_config)
+
+
 class DclServer:
     """A started-on-demand grpclib server on host:port (port 0 picks a free port)."""
 
@@ -121,7 +138,7 @@ class DclServer:
         self._host = host
         self._requested_port = port
         self._port: int | None = None
-        self.grpc = Server(handlers, codec=MessageLimitCodec(max_message_bytes))
+        self.grpc = _CorkedServer(handlers, codec=MessageLimitCodec(max_message_bytes))
         listen(self.grpc, RecvRequest, self._on_request)
 
     async def _on_request(self, event: RecvRequest) -> None:
