@@ -22,12 +22,12 @@ from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.errors import NotLeader, Unavailable
 from dcl.server.acl import Authorizer
 from dcl.server.backend import ServerInfo
-from dcl.server.certs import PkiFiles
+from dcl.server.certs import PkiFiles, generate_pki, issue_client_certificate
 from dcl.server.errors import LEADER_METADATA_KEY
 from dcl.server.server import DclServer, build_server
 from dcl.server.services import LogService
-from dcl.server.tls import client_context, server_context
-from tests.integration.conftest import Node, eventually
+from dcl.tls import client_context, server_context
+from tests.integration.conftest import Node, eventually, running_node
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -314,3 +314,41 @@ async def test_extra_handlers_are_authorized_by_their_service_action(
         finally:
             for channel in channels:
                 channel.close()
+
+
+async def test_issued_identities_get_exactly_the_rights_policy_grants(tmp_path: Path) -> None:
+    """`dcl certs client` identities: a producer-only client can still discover the cluster
+    (GetServers needs produce OR consume) and produce, but not consume; and vice versa."""
+    pki = generate_pki(tmp_path / "pki")
+    writer = issue_client_certificate(pki.directory, "writer")
+    reader = issue_client_certificate(pki.directory, "reader")
+    assert writer[0].name == "writer-client.pem" and reader[1].name == "reader-client-key.pem"
+    with pytest.raises(FileExistsError):
+        issue_client_certificate(pki.directory, "writer")
+    with pytest.raises(ValueError, match="invalid client name"):
+        issue_client_certificate(pki.directory, "../evil")
+    policy = tmp_path / "policy.csv"
+    policy.write_text("p, writer, *, produce\np, reader, *, consume\n")
+    authorizer = Authorizer(pki.acl_model, policy)
+
+    async with running_node(pki, authorizer, tmp_path / "log") as node:
+        def stub(identity: tuple[Path, Path]) -> log_grpc.LogStub:
+            ctx = client_context(identity[0], identity[1], pki.ca_cert)
+            channel = Channel("127.0.0.1", node.server.port, ssl=ctx)
+            node._channels.append(channel)
+            return log_grpc.LogStub(channel)
+
+        w, r = stub(writer), stub(reader)
+        for client in (w, r):
+            servers = (await client.GetServers(log_pb2.GetServersRequest())).servers
+            assert [s.is_leader for s in servers] == [True]
+        offset = (await w.Produce(produce_request(b"from writer"))).offset
+        assert (await r.Consume(log_pb2.ConsumeRequest(offset=offset))).record.value == (
+            b"from writer")
+        for denied, who in ((w.Consume(log_pb2.ConsumeRequest(offset=offset)), "writer"),
+                            (r.Produce(produce_request(b"from reader")), "reader")):
+            with pytest.raises(GRPCError) as info:
+                await denied
+            assert info.value.status is Status.PERMISSION_DENIED
+            assert who in (info.value.message or "")
+        assert node.backend.next_offset == offset + 1

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dcl.server.certs import DEFAULT_HOSTS, generate_pki
+from dcl.server.certs import DEFAULT_HOSTS, generate_pki, issue_client_certificate
 
 app = typer.Typer(name="certs", help="Certificates and ACL files.", no_args_is_help=True)
 
@@ -36,3 +36,22 @@ def init(
         raise typer.Exit(code=1) from None
     for path in files.all():
         typer.echo(str(path))
+
+
+@app.command("client")
+def client(
+    directory: Annotated[Path, typer.Argument(help="The directory `dcl certs init` wrote.")],
+    name: Annotated[str, typer.Argument(help="Common name of the new client identity.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing certificate of that name.")
+    ] = False,
+) -> None:
+    """Issue a client certificate signed by the cluster CA; grant it rights in policy.csv."""
+    try:
+        paths = issue_client_certificate(directory, name, force=force)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    for path in paths:
+        typer.echo(str(path))
+    typer.echo(f"grant rights with lines like 'p, {name}, *, produce' in policy.csv", err=True)

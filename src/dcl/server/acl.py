@@ -48,8 +48,11 @@ class Authorizer:
             self._decisions[key] = decision
         return decision
 
-    def authorize(self, subject: str, action: Action | str) -> None:
-        """Raise PermissionDenied unless the policy lets subject perform action."""
-        if not self.allowed(subject, action):
-            log.info("permission denied subject=%s action=%s", subject, action)
-            raise PermissionDenied(subject, str(action))
+    def authorize(self, subject: str, action: Action | str | tuple[Action, ...]) -> None:
+        """Raise PermissionDenied unless the policy lets subject perform action (for a tuple:
+        any one of them, e.g. discovery, which producers and consumers both need)."""
+        actions = action if isinstance(action, tuple) else (action,)
+        if not any(self.allowed(subject, a) for a in actions):
+            names = " or ".join(str(a) for a in actions)
+            log.info("permission denied subject=%s action=%s", subject, names)
+            raise PermissionDenied(subject, names)

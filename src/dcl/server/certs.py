@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["DEFAULT_HOSTS", "MODEL_CONF", "POLICY_CSV", "PkiFiles", "generate_pki"]
+__all__ = [
+    "DEFAULT_HOSTS",
+    "MODEL_CONF",
+    "POLICY_CSV",
+    "PkiFiles",
+    "generate_pki",
+    "issue_client_certificate",
+]
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 
@@ -274,3 +282,40 @@ def generate_pki(
     _write(files.acl_policy, POLICY_CSV.encode(), secret=False)
     _write(files.gossip_key, (secrets.token_hex(32) + "\n").encode(), secret=True)
     return files
+
+
+_COMMON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def issue_client_certificate(
+    directory: str | os.PathLike[str], common_name: str, *, force: bool = False
+) -> tuple[Path, Path]:
+    """Sign a client certificate for ``common_name`` with the CA that `generate_pki` wrote
+    into directory: ``<name>-client.pem`` and ``<name>-client-key.pem`` there.
+
+    The certificate only proves the name; what it may do is what policy.csv grants that
+    name (e.g. ``p, alice, *, produce``), so issuing one grants nothing by itself.
+    """
+    if not _COMMON_NAME.fullmatch(common_name):
+        raise ValueError(
+            f"invalid client name {common_name!r}: use letters, digits, '.', '_', '-' "
+            "(at most 64, starting with a letter or digit)"
+        )
+    files = PkiFiles(Path(directory))
+    cert_path = files.directory / f"{common_name}-client.pem"
+    key_path = files.directory / f"{common_name}-client-key.pem"
+    existing = [p for p in (cert_path, key_path) if p.exists()]
+    if existing and not force:
+        names = ", ".join(p.name for p in existing)
+        raise FileExistsError(f"refusing to overwrite existing files in {directory}: {names}")
+    ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{files.ca_key} is not an EC private key written by dcl certs init")
+    now = datetime.datetime.now(datetime.UTC)
+    cert, key = _issue_leaf(
+        ca_cert, ca_key, common_name, [ExtendedKeyUsageOID.CLIENT_AUTH], [], now
+    )
+    _write(cert_path, _cert_pem(cert), secret=False)
+    _write(key_path, _key_pem(key), secret=True)
+    return cert_path, key_path

@@ -44,19 +44,23 @@ log = logging.getLogger(__name__)
 #: Authenticated only: any certificate the CA signed may call these (health probes).
 AUTHENTICATED: None = None
 
-METHOD_ACTIONS: Mapping[str, Action | None] = {
+#: What a method needs: one action, any one of several, or only a valid certificate.
+ActionRule = Action | tuple[Action, ...] | None
+
+METHOD_ACTIONS: Mapping[str, ActionRule] = {
     "/log.v1.Log/Produce": Action.PRODUCE,
     "/log.v1.Log/ProduceStream": Action.PRODUCE,
     "/log.v1.Log/Consume": Action.CONSUME,
     "/log.v1.Log/ConsumeStream": Action.CONSUME,
-    "/log.v1.Log/GetServers": Action.CONSUME,
+    # Discovery: every client needs it to find the leader, so either right suffices.
+    "/log.v1.Log/GetServers": (Action.PRODUCE, Action.CONSUME),
     "/dcl.v1.Batch/ProduceBatch": Action.PRODUCE,
     "/dcl.v1.Batch/ConsumeBatch": Action.CONSUME,
     "/dcl.v1.Batch/ConsumeBatchStream": Action.CONSUME,
 }
 
 #: Whole-service defaults, for services whose every method needs the same right.
-SERVICE_ACTIONS: Mapping[str, Action | None] = {
+SERVICE_ACTIONS: Mapping[str, ActionRule] = {
     "/dcl.v1.Admin/": Action.ADMIN,
     "/dcl.v1.Raft/": Action.PEER,
     "/grpc.health.v1.Health/": AUTHENTICATED,
@@ -88,7 +92,7 @@ class MessageLimitCodec(ProtoCodec):
             raise GRPCError(Status.INVALID_ARGUMENT, f"malformed message: {exc}") from None
 
 
-def _action_for(method: str, actions: Mapping[str, Action | None]) -> Action | None:
+def _action_for(method: str, actions: Mapping[str, ActionRule]) -> ActionRule:
     if method in actions:
         return actions[method]
     for prefix, action in actions.items():
@@ -124,7 +128,7 @@ class DclServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_message_bytes: int = (4 << 20) + MESSAGE_OVERHEAD_BYTES,
-        method_actions: Mapping[str, Action | None] | None = None,
+        method_actions: Mapping[str, ActionRule] | None = None,
     ):
         actions = {**METHOD_ACTIONS, **SERVICE_ACTIONS, **(method_actions or {})}
         self._authorizer = authorizer
@@ -144,7 +148,7 @@ class DclServer:
     async def _on_request(self, event: RecvRequest) -> None:
         event.method_func = self._guarded[event.method_name]
 
-    def _guard(self, func: IServerMethodFunc, action: Action | None) -> IServerMethodFunc:
+    def _guard(self, func: IServerMethodFunc, action: ActionRule) -> IServerMethodFunc:
         """Wrap a handler: authorize once, map errors, end cleanly on shutdown."""
         authorizer, calls = self._authorizer, self._calls
 
@@ -240,7 +244,7 @@ def build_server(
     port: int = 0,
     limits: Limits | None = None,
     extra_handlers: Iterable[IServable] = (),
-    extra_actions: Mapping[str, Action | None] | None = None,
+    extra_actions: Mapping[str, ActionRule] | None = None,
     health_check_ttl: float = 0.5,
 ) -> DclServer:
     """The standard node server: log.v1.Log, dcl.v1.Batch and grpc.health.v1 over backend.

@@ -97,3 +97,23 @@ def test_cli_init_accepts_comma_separated_and_repeated_hosts(tmp_path: Path) -> 
     again = runner.invoke(app, ["certs", "init", str(target)])
     assert again.exit_code == 1
     assert runner.invoke(app, ["certs", "init", str(target), "--force"]).exit_code == 0
+
+
+def test_cli_client_issues_a_client_only_certificate_chained_to_the_ca(tmp_path: Path) -> None:
+    runner = CliRunner()
+    target = tmp_path / "certs"
+    assert runner.invoke(app, ["certs", "init", str(target)]).exit_code == 0
+    result = runner.invoke(app, ["certs", "client", str(target), "alice"])
+    assert result.exit_code == 0, result.output
+    cert = load(target / "alice-client.pem")
+    assert cn(cert) == "alice"
+    assert ekus(cert) == {ExtendedKeyUsageOID.CLIENT_AUTH}
+    cert.verify_directly_issued_by(load(target / "ca.pem"))
+    assert stat.S_IMODE((target / "alice-client-key.pem").stat().st_mode) == 0o600
+
+    again = runner.invoke(app, ["certs", "client", str(target), "alice"])
+    assert again.exit_code == 1 and "refusing to overwrite" in again.output
+    bad = runner.invoke(app, ["certs", "client", str(target), "a/b"])
+    assert bad.exit_code == 1 and "invalid client name" in bad.output
+    missing = runner.invoke(app, ["certs", "client", str(tmp_path / "nowhere"), "bob"])
+    assert missing.exit_code == 1 and "error:" in missing.output
