@@ -34,7 +34,7 @@ from grpclib.client import Channel
 from dcl.api.dcl.v1 import batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.server.certs import PkiFiles, generate_pki
-from dcl.server.tls import client_context
+from dcl.tls import client_context
 
 
 def free_port() -> int:
@@ -57,6 +57,7 @@ def start_cluster(work: Path, pki: PkiFiles) -> tuple[list[subprocess.Popen[byte
             "--server-tls-ca-file", str(pki.ca_cert), "--peer-tls-cert-file", str(pki.peer_cert),
             "--peer-tls-key-file", str(pki.peer_key), "--peer-tls-ca-file", str(pki.ca_cert),
             "--log-level", "WARNING", "--snapshot-threshold", "1000000000",
+            "--gossip-key-file", str(pki.gossip_key),
         ]
         args += ["--bootstrap"] if i == 0 else ["--join-rpc-addrs", f"127.0.0.1:{ports[0]}"]
         procs.append(subprocess.Popen(args))
@@ -171,11 +172,11 @@ async def run(quick: bool) -> dict[str, float]:
                 await st.send_request()
                 acked = 0
                 req = log_pb2.ProduceRequest(record=log_pb2.Record(value=b"s" * 100))
+                window = asyncio.Semaphore(64)  # at most 64 requests unanswered
 
                 async def sender() -> None:
-                    for i in range(per_stream):
-                        while i - acked >= 64:
-                            await asyncio.sleep(0)
+                    for _ in range(per_stream):
+                        await window.acquire()
                         await st.send_message(req)
                     await st.end()
 
@@ -184,6 +185,7 @@ async def run(quick: bool) -> dict[str, float]:
                     if await st.recv_message() is None:
                         break
                     acked += 1
+                    window.release()
                 await task
 
         t0 = time.perf_counter()

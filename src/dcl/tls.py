@@ -4,6 +4,8 @@ Every connection on the RPC port is mutually authenticated: the server demands a
 certificate signed by the cluster CA (CERT_REQUIRED), so an unknown or missing certificate
 fails the TLS handshake and the connection never reaches HTTP/2, let alone a handler. The
 authenticated identity is the certificate's common name; the ACL keys on it.
+
+Shared by dcl.server, dcl.client and dcl.agent, so it depends on neither of them.
 """
 
 from __future__ import annotations

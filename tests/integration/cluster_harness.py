@@ -1,7 +1,8 @@
 """Real `dcl agent` processes on 127.0.0.1 free ports, and raw grpclib calls against them.
 
 A test owns a `Cluster`: nodes start as child processes (node-0 bootstraps, the others join
-through node-0's address), are killed by PID, and are all stopped in `Cluster.close`, so a
+through node-0's address: by default with Admin.Join on its RPC port, with `gossip=True` only
+through its gossip port), are killed by PID, and are all stopped in `Cluster.close`, so a
 failing test leaves nothing running. Every wait is a poll with a deadline.
 """
 
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -27,7 +28,7 @@ from grpclib.health.v1 import health_grpc, health_pb2
 from dcl.api.dcl.v1 import admin_grpc, admin_pb2, batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.server.certs import PkiFiles
-from dcl.server.tls import client_context
+from dcl.tls import client_context
 
 __all__ = ["Cluster", "NodeProcess", "eventually"]
 
@@ -81,6 +82,14 @@ class NodeProcess:
     pki: PkiFiles
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
+    #: Further `dcl agent` flags for every (re)start, e.g. --peer-dial-override (tests/chaos).
+    extra_args: list[str] = field(default_factory=list)
+    #: Gossip UDP+TCP port (--bind-addr); kept across restarts like the RPC port.
+    gossip_port: int = field(default_factory=free_port)
+
+    @property
+    def gossip_addr(self) -> str:
+        return f"127.0.0.1:{self.gossip_port}"
 
     @property
     def rpc_addr(self) -> str:
@@ -90,13 +99,17 @@ class NodeProcess:
     def log_path(self) -> Path:
         return self.data_dir.parent / f"{self.name}.log"
 
-    def start(self, *, bootstrap: bool, join: Sequence[str], snapshot_threshold: int) -> None:
+    def start(self, *, bootstrap: bool, join: Sequence[str], snapshot_threshold: int,
+              start_join: Sequence[str] = ()) -> None:
+        """`join`: RPC addresses to ask for admission (Admin.Join); `start_join`: gossip
+        addresses to join, after which the Raft leader admits the node by itself."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         pki = self.pki
         args = [
             sys.executable, "-m", "dcl.cli.main", "agent",
             "--node-name", self.name, "--data-dir", str(self.data_dir),
-            "--rpc-port", str(self.port), "--bind-addr", f"127.0.0.1:{free_port()}",
+            "--rpc-port", str(self.port), "--bind-addr", self.gossip_addr,
+            "--gossip-key-file", str(pki.gossip_key),
             "--acl-model-file", str(pki.acl_model), "--acl-policy-file", str(pki.acl_policy),
             "--server-tls-cert-file", str(pki.server_cert),
             "--server-tls-key-file", str(pki.server_key),
@@ -105,10 +118,13 @@ class NodeProcess:
             "--peer-tls-ca-file", str(pki.ca_cert), "--log-level", "INFO",
             "--snapshot-threshold", str(snapshot_threshold),
         ]
+        args += self.extra_args
         if bootstrap:
             args.append("--bootstrap")
         for addr in join:
             args += ["--join-rpc-addrs", addr]
+        for addr in start_join:
+            args += ["--start-join-addrs", addr]
         if self._log is not None:
             self._log.close()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,8 +275,13 @@ class Cluster:
     """Three (or `size`) nodes of real processes; use as `async with Cluster(...) as c`."""
 
     def __init__(self, pki: PkiFiles, directory: Path, size: int = 3, *,
-                 snapshot_threshold: int = 100_000) -> None:
+                 snapshot_threshold: int = 100_000, gossip: bool = False) -> None:
+        """`gossip=True`: nodes find each other through gossip only (no Admin.Join); the
+        Raft leader admits and removes them. Default: the Admin.Join path, gossip idle."""
         self.snapshot_threshold = snapshot_threshold
+        self.gossip = gossip
+        self._directory = directory
+        self._pki = pki
         self.nodes = [
             NodeProcess(f"node-{i}", free_port(), directory / f"node-{i}", pki)
             for i in range(size)
@@ -273,6 +294,8 @@ class Cluster:
             await self.wait_for_members(self.nodes, timeout=45)
         except BaseException:
             self.close()
+            for node in self.nodes:
+                sys.stderr.write(f"--- {node.name} log tail ---\n{node.log_tail()}\n")
             raise
         return self
 
@@ -286,11 +309,29 @@ class Cluster:
         """(Re)start node; node-0 bootstraps on first start, everyone else joins via it."""
         seed = self.nodes[0]
         first_start = not node.data_dir.exists()
+        bootstrap = node is seed and first_start
+        others = [n for n in self.nodes if n is not node]
+        if self.gossip:
+            # A first start joins through the seed only: nodes that found each other before
+            # the seed was up would form a gossip cluster of their own, which no retry heals.
+            start_join = ([] if bootstrap else [seed.gossip_addr] if first_start
+                          else [n.gossip_addr for n in others])
+            node.start(bootstrap=bootstrap, join=[], start_join=start_join,
+                       snapshot_threshold=self.snapshot_threshold)
+            return
         node.start(
-            bootstrap=node is seed and first_start,
-            join=[] if node is seed else [n.rpc_addr for n in self.nodes if n is not node],
+            bootstrap=bootstrap,
+            join=[] if node is seed else [n.rpc_addr for n in others],
             snapshot_threshold=self.snapshot_threshold,
         )
+
+    def add_node(self) -> NodeProcess:
+        """A new node (next free name), started and joining like the others."""
+        node = NodeProcess(f"node-{len(self.nodes)}", free_port(),
+                           self._directory / f"node-{len(self.nodes)}", self._pki)
+        self.nodes.append(node)
+        self.start(node)
+        return node
 
     def close(self) -> None:
         """Stop every node this cluster started (by PID), in parallel, killing stragglers."""

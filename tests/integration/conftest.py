@@ -19,8 +19,8 @@ from dcl.server.certs import PkiFiles, generate_pki
 from dcl.server.local import LocalBackend
 from dcl.server.server import DclServer, build_server
 from dcl.server.services import Limits
-from dcl.server.tls import client_context, server_context
 from dcl.storage import LogConfig
+from dcl.tls import client_context, server_context
 
 #: Small segments, so tests cross segment boundaries.
 LOG_CONFIG = LogConfig(max_store_bytes=4 << 20, max_index_bytes=12 * 1024)

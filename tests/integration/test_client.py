@@ -23,7 +23,7 @@ from dcl.server.certs import PkiFiles
 from dcl.server.local import LocalBackend
 from dcl.server.records import encode_record
 from dcl.server.server import DclServer, build_server
-from dcl.server.tls import server_context
+from dcl.tls import server_context
 from tests.integration.conftest import LOG_CONFIG, Node, eventually
 
 pytestmark = pytest.mark.timeout(20)

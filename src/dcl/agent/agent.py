@@ -1,9 +1,9 @@
-"""One DCL Store node: builds logger, log/raft, server (and later membership) from a Config.
+"""One DCL Store node: builds logger, log/raft, server and membership from a Config.
 
 Setup is a table of steps in dependency order; if one fails, the steps already done are
 undone in reverse, so a failed start releases its port and its directory locks. Shutdown is
-the same table in reverse: transfer leadership if leader, stop Raft, drain gRPC, flush and
-close the logs.
+the same table in reverse: leave gossip (so the leader removes us from Raft), transfer
+leadership if leader, stop Raft, drain gRPC, flush and close the logs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,19 @@ from pathlib import Path
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from dcl.agent.membership import RPC_ADDR_TAG, MembershipReconciler
 from dcl.api.dcl.v1 import admin_grpc, admin_pb2
+from dcl.membership import (
+    GossipConfig,
+    GossipError,
+    GossipKeyRequired,
+    JoinFailed,
+    Membership,
+    MemberState,
+    SwimConfig,
+    load_key_file,
+    parse_addr,
+)
 from dcl.raft.driver import RaftDriver
 from dcl.raft.storage import RaftStorage
 from dcl.raft.types import Config as RaftConfig
@@ -27,12 +39,17 @@ from dcl.server.acl import Action, Authorizer
 from dcl.server.raft_transport import AdminService, GrpcTransport, RaftService
 from dcl.server.replicated import LogFsm, ReplicatedBackend, encode_address_cmd
 from dcl.server.server import DclServer, build_server
-from dcl.server.tls import client_context, server_context
 from dcl.storage import LogConfig
+from dcl.tls import client_context, server_context
 
 __all__ = ["Agent", "AgentConfig"]
 
 log = logging.getLogger(__name__)
+
+_GOSSIP_STATE_NAMES = {
+    MemberState.ALIVE: "alive", MemberState.SUSPECT: "suspect",
+    MemberState.DEAD: "failed", MemberState.LEFT: "left",
+}
 
 
 @dataclass
@@ -62,6 +79,17 @@ class AgentConfig:
     start_join_addrs: list[str] = field(default_factory=list)
     #: RPC addresses of cluster members to ask for admission (Admin.Join) at start.
     join_rpc_addrs: list[str] = field(default_factory=list)
+    #: Gossip (SWIM) UDP+TCP address; `start_join_addrs` are other members' bind addresses.
+    bind_addr: str = "127.0.0.1:8401"
+    #: Shared AES-GCM key for gossip; required unless `insecure_gossip`.
+    gossip_key_file: Path | None = None
+    insecure_gossip: bool = False
+    gossip: SwimConfig = field(default_factory=SwimConfig)
+    #: How often the leader reconciles Raft membership with gossip even without events.
+    reconcile_seconds: float = 1.0
+    #: Peer node id -> host:port to dial for Raft traffic instead of the peer's advertised
+    #: address (a fault-injecting proxy in tests/chaos); clients still see the real address.
+    peer_dial_overrides: dict[str, str] = field(default_factory=dict)
 
     @property
     def rpc_addr(self) -> str:
@@ -79,12 +107,17 @@ class Agent:
         self.server: DclServer
         self.fsm: LogFsm
         self._transport: GrpcTransport
+        self.membership: Membership | None = None
+        self._reconciler: MembershipReconciler | None = None
+        self._gossip_tasks: list[asyncio.Task[None]] = []
+        self._gossip_left = False
 
     async def start(self) -> None:
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("logger", self._setup_logger),
             ("log", self._setup_log),
             ("server", self._setup_server),
+            ("membership", self._setup_membership),
             ("join", self._join_cluster),
         ]
         for name, step in steps:
@@ -96,6 +129,7 @@ class Agent:
                 raise
 
     async def shutdown(self) -> None:
+        await self._leave_gossip()
         if self.driver.core.role is Role.LEADER:
             await self._transfer_leadership()
         await self._unwind()
@@ -110,9 +144,13 @@ class Agent:
 
     async def _transfer_leadership(self) -> None:
         core = self.driver.core
+        progress = core.progress()
+        # Prefer voters gossip does not report gone (a crashed voter may still look caught up
+        # until the failure detector removes it), then the most caught-up one.
+        gone = {n for n in core.voters if self._gossip_state(n) in ("failed", "left")}
         candidates = sorted(core.voters - {core.id},
-                            key=lambda v: -(core.progress().get(v).match  # type: ignore[union-attr]
-                                            if core.progress().get(v) else 0))
+                            key=lambda v: (v in gone, -(pr.match if (pr := progress.get(v))
+                                                        else 0)))
         if not candidates:
             return
         with contextlib.suppress(Exception):
@@ -121,6 +159,8 @@ class Agent:
             deadline = loop.time() + 2.0
             while core.role is Role.LEADER and loop.time() < deadline:
                 await asyncio.sleep(0.02)
+        log.info("leadership transfer to=%s done=%s", candidates[0],
+                 core.role is not Role.LEADER)
 
     # ------------------------------------------------------------------ steps
 
@@ -141,7 +181,8 @@ class Agent:
         self._undo.append(self._close_storage)
         peer_ctx = client_context(cfg.peer_tls_cert_file, cfg.peer_tls_key_file,
                                   cfg.peer_tls_ca_file)
-        self._transport = GrpcTransport(peer_ctx, cfg.rpc_addr, self.fsm.addresses.get)
+        self._transport = GrpcTransport(peer_ctx, cfg.rpc_addr, self.fsm.addresses.get,
+                                        dial_overrides=cfg.peer_dial_overrides)
         self._undo.append(self._transport.close)
         raft_config = RaftConfig(
             election_tick=cfg.election_tick, heartbeat_tick=1,
@@ -171,7 +212,7 @@ class Agent:
         ctx = server_context(cfg.server_tls_cert_file, cfg.server_tls_key_file,
                              cfg.server_tls_ca_file)
         authorizer = Authorizer(cfg.acl_model_file, cfg.acl_policy_file)
-        self.admin = AdminService(self.backend)
+        self.admin = AdminService(self.backend, gossip_state=self._gossip_state)
         self.server = build_server(
             self.backend, ssl_context=ctx, authorizer=authorizer, host=cfg.rpc_host,
             port=cfg.rpc_port,
@@ -180,6 +221,74 @@ class Agent:
         )
         await self.server.start()
         self._undo.append(self.server.close)
+
+    async def _setup_membership(self) -> None:
+        cfg = self.config
+        if cfg.gossip_key_file is None and not cfg.insecure_gossip:
+            raise GossipKeyRequired(
+                "gossip needs a shared key: pass --gossip-key-file (dcl certs init writes "
+                "gossip.key), or --insecure-gossip on a trusted network only")
+        key = load_key_file(cfg.gossip_key_file) if cfg.gossip_key_file is not None else None
+        reconciler = MembershipReconciler(
+            cfg.node_name, self.driver, self.admin, self.fsm.addresses,
+            lambda: self.membership.members() if self.membership is not None else [],
+            interval=cfg.reconcile_seconds,
+        )
+        membership = Membership(
+            GossipConfig(node_name=cfg.node_name, bind_addr=parse_addr(cfg.bind_addr),
+                         tags={RPC_ADDR_TAG: cfg.rpc_addr}, key=key,
+                         insecure=cfg.insecure_gossip and key is None, protocol=cfg.gossip),
+            on_event=reconciler.on_event,
+        )
+        await membership.start()
+        self.membership, self._reconciler = membership, reconciler
+        self._undo.append(self._close_gossip)
+        loop = asyncio.get_running_loop()
+        self._gossip_tasks = [loop.create_task(reconciler.run(), name="membership-reconcile")]
+        if cfg.start_join_addrs:
+            self._gossip_tasks.append(loop.create_task(self._gossip_join_loop(),
+                                                       name="gossip-join"))
+        self._undo.append(self._stop_gossip_tasks)
+
+    async def _gossip_join_loop(self) -> None:
+        """Join through `start_join_addrs`, retrying until one answers (they may start later)."""
+        assert self.membership is not None
+        delay = 0.2
+        while True:
+            try:
+                n = await self.membership.join(self.config.start_join_addrs, retries=3,
+                                               timeout=10.0)
+                log.info("gossip joined contacted=%d", n)
+                return
+            except JoinFailed as exc:
+                log.warning("gossip join failed, retrying: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _stop_gossip_tasks(self) -> None:
+        tasks, self._gossip_tasks = self._gossip_tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _leave_gossip(self) -> None:
+        """Announce a graceful leave (others see LEFT and the leader removes us from Raft);
+        stop reconciling first so a leaving leader starts no new membership change."""
+        await self._stop_gossip_tasks()
+        if self.membership is None or self._gossip_left:
+            return
+        self._gossip_left = True
+        try:
+            await self.membership.leave(timeout=2.0)
+        except Exception:
+            log.exception("gossip leave failed")
+
+    async def _close_gossip(self) -> None:
+        await self._leave_gossip()
+        if self.membership is not None:
+            await self.membership.stop()
 
     async def _join_cluster(self) -> None:
         """Ask the cluster (any of `join_rpc_addrs`; redirected to the leader) to add us.
@@ -233,11 +342,23 @@ class Agent:
 
     # ------------------------------------------------------------------ hooks
 
+    def _gossip_state(self, node_id: str) -> str:
+        """A server's state as our gossip sees it: alive, suspect, failed, left, or ""."""
+        if self.membership is None:
+            return ""
+        try:
+            member = next((m for m in self.membership.members() if m.name == node_id), None)
+        except GossipError:  # not started or already stopped
+            return ""
+        return _GOSSIP_STATE_NAMES[member.state] if member is not None else ""
+
     def _learn_address(self, node_id: str, addr: str) -> None:
         # A peer's self-reported address fills gaps only; the replicated book is authoritative.
         self.fsm.addresses.setdefault(node_id, addr)
 
     def _on_role_change(self, role: Role) -> None:
+        if role is Role.LEADER and self._reconciler is not None:
+            self._reconciler.wake()  # events may have been missed while not leader
         if role is Role.LEADER and self.fsm.addresses.get(self.config.node_name) != (
             self.config.rpc_addr
         ):

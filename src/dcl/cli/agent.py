@@ -26,6 +26,7 @@ _KEYS = (
     "bootstrap", "acl_model_file", "acl_policy_file", "server_tls_cert_file",
     "server_tls_key_file", "server_tls_ca_file", "peer_tls_cert_file", "peer_tls_key_file",
     "peer_tls_ca_file", "gossip_key_file", "snapshot_threshold", "segment_bytes", "log_level",
+    "peer_dial_overrides", "insecure_gossip",
 )
 _REQUIRED_FILES = (
     "acl_model_file", "acl_policy_file", "server_tls_cert_file", "server_tls_key_file",
@@ -64,7 +65,14 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
             raise _fail(f"--{key.replace('_', '-')} is required")
         if not Path(path).is_file():
             raise _fail(f"no such file: {path} (--{key.replace('_', '-')})")
-    host = str(merged.get("bind_addr", "127.0.0.1:8401")).rpartition(":")[0] or "127.0.0.1"
+    key_file = merged.get("gossip_key_file")
+    if key_file and not Path(key_file).is_file():
+        raise _fail(f"no such file: {key_file} (--gossip-key-file)")
+    if not key_file and not merged.get("insecure_gossip"):
+        raise _fail("gossip needs a shared key: pass --gossip-key-file (dcl certs init writes "
+                    "gossip.key), or --insecure-gossip on a trusted network only")
+    bind_addr = str(merged.get("bind_addr", "127.0.0.1:8401"))
+    host = bind_addr.rpartition(":")[0] or "127.0.0.1"
 
     def addrs(key: str) -> list[str]:
         raw = merged.get(key) or []
@@ -72,9 +80,13 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         return [a.strip() for s in items for a in s.split(",") if a.strip()]
 
     return AgentConfig(
+        peer_dial_overrides=_dial_overrides(merged.get("peer_dial_overrides")),
         data_dir=Path(merged.get("data_dir", "./dcl-data")),
         node_name=str(merged.get("node_name") or os.uname().nodename),
         rpc_host=host,
+        bind_addr=bind_addr,
+        gossip_key_file=Path(key_file) if key_file else None,
+        insecure_gossip=bool(merged.get("insecure_gossip", False)),
         rpc_port=int(merged.get("rpc_port", 8400)),
         bootstrap=bool(merged.get("bootstrap", False)),
         start_join_addrs=addrs("start_join_addrs"),
@@ -93,11 +105,28 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
     )
 
 
+def _dial_overrides(raw: Any) -> dict[str, str]:
+    """`ID=HOST:PORT` items (flags, env, a YAML list or comma-separated string) or a YAML
+    mapping, as peer id -> dial address."""
+    if not raw:
+        return {}
+    if isinstance(raw, dict):
+        return {str(k): str(v) for k, v in raw.items()}
+    items = raw.split(",") if isinstance(raw, str) else [str(a) for a in raw]
+    overrides: dict[str, str] = {}
+    for item in (a.strip() for s in items for a in s.split(",")):
+        if not item:
+            continue
+        peer, sep, addr = item.partition("=")
+        if not sep or not peer or ":" not in addr:
+            raise _fail(f"--peer-dial-override wants ID=HOST:PORT, got {item!r}")
+        overrides[peer.strip()] = addr.strip()
+    return overrides
+
+
 async def run_agent(config: AgentConfig) -> None:
     """Run until SIGTERM/SIGINT; a second signal exits at once."""
     agent = Agent(config)
-    await agent.start()
-    typer.echo(f"node {config.node_name} serving on {config.rpc_addr}", err=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -106,8 +135,12 @@ async def run_agent(config: AgentConfig) -> None:
             os._exit(130)
         stop.set()
 
+    # Installed before start: a signal during startup still gets the graceful path.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    await agent.start()
+    typer.echo(f"node {config.node_name} serving on {config.rpc_addr} "
+               f"(gossip {config.bind_addr})", err=True)
     await stop.wait()
     await agent.shutdown()
 
@@ -120,7 +153,7 @@ def agent(
         "bind_addr", "Gossip address (host used for RPC too); default 127.0.0.1:8401.")] = None,
     rpc_port: Annotated[int | None, _opt("rpc_port", "Client and Raft port; default 8400.")] = None,
     start_join_addrs: Annotated[list[str] | None, _opt(
-        "start_join_addrs", "Gossip addresses to join (gossip is not wired yet).")] = None,
+        "start_join_addrs", "Gossip addresses (--bind-addr) of members to join.")] = None,
     join_rpc_addrs: Annotated[list[str] | None, _opt(
         "join_rpc_addrs", "RPC addresses of members to ask for admission.")] = None,
     bootstrap: Annotated[bool | None, _opt("bootstrap", "Start a new cluster.")] = None,
@@ -132,11 +165,18 @@ def agent(
     peer_tls_cert_file: Annotated[Path | None, _opt("peer_tls_cert_file", "")] = None,
     peer_tls_key_file: Annotated[Path | None, _opt("peer_tls_key_file", "")] = None,
     peer_tls_ca_file: Annotated[Path | None, _opt("peer_tls_ca_file", "")] = None,
-    gossip_key_file: Annotated[Path | None, _opt("gossip_key_file", "Gossip key.")] = None,
+    gossip_key_file: Annotated[Path | None, _opt(
+        "gossip_key_file", "Shared gossip key (hex or base64); dcl certs init writes one.")] = None,
+    insecure_gossip: Annotated[bool | None, _opt(
+        "insecure_gossip", "Run gossip unencrypted (trusted networks only).")] = None,
     snapshot_threshold: Annotated[int | None, _opt(
         "snapshot_threshold", "Applied entries between snapshots.")] = None,
     segment_bytes: Annotated[int | None, _opt("segment_bytes", "Max store segment size.")] = None,
     log_level: Annotated[str | None, _opt("log_level", "DEBUG, INFO, WARNING...")] = None,
+    peer_dial_overrides: Annotated[list[str] | None, typer.Option(
+        "--peer-dial-override", envvar="DCL_PEER_DIAL_OVERRIDES",
+        help="ID=HOST:PORT: dial that peer's Raft traffic there (a test proxy); repeatable.",
+    )] = None,
 ) -> None:
     """Run one DCL Store node."""
     values = {k: v for k, v in locals().items() if k in _KEYS}
@@ -159,7 +199,9 @@ def dev(
     from dcl.server.certs import PkiFiles, generate_pki
 
     pki_dir = directory / "pki"
-    pki = PkiFiles(pki_dir) if (pki_dir / "ca.pem").exists() else generate_pki(pki_dir)
+    existing = PkiFiles(pki_dir)
+    complete = existing.ca_cert.exists() and existing.gossip_key.exists()
+    pki = existing if complete else generate_pki(pki_dir)
     ports = [base_port + i for i in range(3)]
     procs = []
     for i, port in enumerate(ports):
@@ -173,12 +215,24 @@ def dev(
             "--server-tls-ca-file", str(pki.ca_cert),
             "--peer-tls-cert-file", str(pki.peer_cert), "--peer-tls-key-file", str(pki.peer_key),
             "--peer-tls-ca-file", str(pki.ca_cert), "--log-level", "WARNING",
+            "--gossip-key-file", str(pki.gossip_key),
         ]
-        args += ["--bootstrap"] if i == 0 else ["--join-rpc-addrs", f"127.0.0.1:{ports[0]}"]
-        procs.append(subprocess.Popen(args))
+        args += (["--bootstrap"] if i == 0
+                 else ["--start-join-addrs", f"127.0.0.1:{ports[0] + 1000}"])
+        # Own session: Ctrl-C reaches only this process, which then sends each node one
+        # SIGTERM (a second signal would make a node skip its graceful shutdown).
+        procs.append(subprocess.Popen(args, start_new_session=True))
     typer.echo(f"DCL Store dev cluster: {', '.join(f'127.0.0.1:{p}' for p in ports)}")
     typer.echo(f"certificates in {pki_dir}; client identity root-client.pem (CN root)")
     typer.echo("Ctrl-C stops all nodes.")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM stops the cluster like Ctrl-C (the nodes run in their own sessions, so they
+    # would outlive this process); SIGINT explicitly too, in case it was inherited ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     try:
         for proc in procs:
             proc.wait()

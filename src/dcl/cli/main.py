@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 import dcl
-from dcl.cli import agent, certs
+from dcl.cli import agent, bench, certs, consume, produce, status
 
 app = typer.Typer(
     name="dcl",
@@ -16,6 +16,10 @@ app = typer.Typer(
 app.add_typer(certs.app, name="certs")
 app.command("agent")(agent.agent)
 app.command("dev")(agent.dev)
+app.command("produce")(produce.produce)
+app.command("consume")(consume.consume)
+app.command("status")(status.status)
+app.command("bench")(bench.bench)
 
 
 @app.command()

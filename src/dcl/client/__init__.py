@@ -3,13 +3,15 @@
 See dcl.client.client for the routing and duplication rules.
 """
 
-from dcl.client.client import DclClient, ServerInfo
+from dcl.client.client import ClusterStatus, DclClient, NodeStatus, ServerInfo
 from dcl.client.errors import BatchPartiallyWritten, ProduceOutcomeUnknown, RemoteError
 from dcl.client.sync import SyncClient
 
 __all__ = [
     "BatchPartiallyWritten",
+    "ClusterStatus",
     "DclClient",
+    "NodeStatus",
     "ProduceOutcomeUnknown",
     "RemoteError",
     "ServerInfo",

@@ -43,6 +43,7 @@ a record just produced through the leader yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -57,13 +58,13 @@ from grpclib.client import Channel, UnaryUnaryMethod
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from dcl.api.dcl.v1 import batch_grpc, batch_pb2
+from dcl.api.dcl.v1 import admin_grpc, admin_pb2, batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.client.errors import BatchPartiallyWritten, ProduceOutcomeUnknown, from_status
 from dcl.errors import DclError, InvalidRequest, Unavailable
-from dcl.server.tls import client_context
+from dcl.tls import client_context
 
-__all__ = ["LEADER_METADATA_KEY", "DclClient", "ServerInfo"]
+__all__ = ["LEADER_METADATA_KEY", "ClusterStatus", "DclClient", "NodeStatus", "ServerInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,37 @@ class ServerInfo:
     is_leader: bool
 
 
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """One server's Raft state as one node reports it (Admin Cluster).
+
+    A node reports its own row exactly; rows about other servers are the answering node's
+    view (on the leader, ``last_index`` is the replication match index and
+    ``applied_index`` is 0).
+    """
+
+    id: str
+    rpc_addr: str
+    role: str
+    term: int
+    last_index: int
+    applied_index: int
+    voter: bool
+    gossip_state: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    """What one node answered to Admin Cluster."""
+
+    address: str
+    leader_id: str
+    servers: tuple[NodeStatus, ...]
+
+    def self_row(self, node_id: str) -> NodeStatus | None:
+        return next((s for s in self.servers if s.id == node_id), None)
+
+
 class _CallFailed(Exception):
     """One attempt on one server failed; the retry policies decide what that means."""
 
@@ -154,6 +186,7 @@ class _Peer:
         self.channel = Channel(host, port, ssl=ssl_context)
         self.log = log_grpc.LogStub(self.channel)
         self.batch = batch_grpc.BatchStub(self.channel)
+        self.admin = admin_grpc.AdminStub(self.channel)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -214,7 +247,11 @@ class DclClient:
         self._peers.clear()
 
     async def __aenter__(self) -> DclClient:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(
@@ -303,6 +340,20 @@ class DclClient:
 
         return await self._read(call, offset)
 
+    async def end_offset(self, offset: int = 0) -> int:
+        """The offset the leader's log assigns next: the end of the log as committed and
+        applied now. Asked with a one-record read at offset, so it raises OffsetOutOfRange
+        when offset is not readable (beyond the end, or truncated away). A reader that must
+        see everything up to this point (not just what its follower applied) reads until
+        it reaches this offset."""
+        request = batch_pb2.ConsumeBatchRequest(offset=offset, max_records=1)
+
+        async def call(peer: _Peer, address: str) -> int:
+            reply = await self._unary(address, peer.batch.ConsumeBatch, request)
+            return int(reply.next_offset)
+
+        return await self._read(call, offset, leader=True)
+
     async def get_servers(self) -> list[ServerInfo]:
         """The cluster as a server reports it now (also refreshes this client's view)."""
 
@@ -313,6 +364,25 @@ class DclClient:
         self._apply_view(servers)
         return servers
 
+    async def cluster_status(self, address: str) -> ClusterStatus:
+        """Admin Cluster on the server at address (one attempt, no failover): the other
+        servers' views differ, so the caller picks whom to ask. Needs the admin right."""
+        try:
+            reply = await self._unary(
+                address, self._peer(address).admin.Cluster, admin_pb2.ClusterRequest()
+            )
+        except _CallFailed as failure:
+            raise failure.to_error() from failure.cause
+        return ClusterStatus(
+            address,
+            reply.leader_id,
+            tuple(
+                NodeStatus(s.id, s.rpc_addr, s.role, s.term, s.last_index, s.applied_index,
+                           s.voter, s.gossip_state)
+                for s in reply.servers
+            ),
+        )
+
     async def stream(
         self, offset: int, *, max_records: int = 0, max_bytes: int = 0
     ) -> AsyncGenerator[tuple[int, bytes], None]:
@@ -322,6 +392,17 @@ class DclClient:
         (``retries`` consecutive failures without progress end it with Unavailable). Close
         it (``contextlib.aclosing``) to end the server-side stream promptly.
         """
+        batches = self.stream_batches(offset, max_records=max_records, max_bytes=max_bytes)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                for record in batch:
+                    yield record
+
+    async def stream_batches(
+        self, offset: int, *, max_records: int = 0, max_bytes: int = 0
+    ) -> AsyncGenerator[list[tuple[int, bytes]], None]:
+        """``stream``, one non-empty list of (offset, value) per server message: a caller
+        that writes output can flush once per list, i.e. whenever the stream caught up."""
         next_offset = offset
         failures = 0
         avoid: set[str] = set()
@@ -341,9 +422,10 @@ class DclClient:
                         async for response in call:
                             failures = 0
                             avoid.clear()
-                            for record in response.records:
-                                next_offset = int(record.offset) + 1
-                                yield int(record.offset), bytes(record.value)
+                            batch = [(int(r.offset), bytes(r.value)) for r in response.records]
+                            if batch:
+                                next_offset = batch[-1][0] + 1
+                                yield batch
                     raise _CallFailed(address, EOFError("stream ended"), sent=True)
                 except GRPCError as exc:
                     raise _CallFailed(
@@ -399,16 +481,21 @@ class DclClient:
         raise last
 
     async def _read(
-        self, call: Callable[[_Peer, str], Awaitable[_T]], offset: int | None = None
+        self,
+        call: Callable[[_Peer, str], Awaitable[_T]],
+        offset: int | None = None,
+        *,
+        leader: bool = False,
     ) -> _T:
-        """Run an idempotent call on a reader, retrying transient failures elsewhere."""
+        """Run an idempotent call on a reader (the leader if asked and known), retrying
+        transient failures elsewhere."""
         last: _CallFailed | None = None
         avoid: set[str] = set()
         for attempt in range(self._retries + 1):
             if attempt:
                 await self._backoff(attempt - 1)
                 await self._refresh_quietly()
-            address = self._pick_reader(avoid)
+            address = self._pick_reader(avoid, leader=leader)
             try:
                 return await call(self._peer(address), address)
             except _CallFailed as failure:
@@ -493,7 +580,9 @@ class DclClient:
         # would break calls in flight on it (and turn a produce into an unknown outcome).
         # A broken connection needs no action either: grpclib redials on the next call.
 
-    def _pick_reader(self, avoid: set[str]) -> str:
+    def _pick_reader(self, avoid: set[str], *, leader: bool = False) -> str:
+        if leader and self._leader and self._leader not in avoid:
+            return self._leader
         if self._followers:
             candidates = self._followers
         elif self._leader:
@@ -519,6 +608,7 @@ class DclClient:
             if avoid is not None:
                 candidates.append(avoid)  # last resort: it may be back
             errors: list[str] = []
+            last_cause: BaseException | None = None
             for address in candidates:
                 try:
                     servers = await self._get_servers_from(address)
@@ -526,12 +616,15 @@ class DclClient:
                     if not failure.transient:
                         raise failure.to_error() from failure.cause
                     errors.append(f"{address}: {failure.cause!r}")
+                    last_cause = failure.cause
                     continue
                 if servers:
                     self._apply_view(servers)
                     return
                 errors.append(f"{address}: empty server list")
-            raise Unavailable("no server answered GetServers: " + "; ".join(errors))
+            # The last cause rides along so callers (the CLI) can tell a refused connection
+            # from a TLS failure without parsing the message.
+            raise Unavailable("no server answered GetServers: " + "; ".join(errors)) from last_cause
 
     async def _refresh_quietly(self, prefer: str | None = None, avoid: str | None = None) -> None:
         """Refresh if anything answers; keep the current view otherwise."""

@@ -15,7 +15,7 @@ from collections.abc import Coroutine, Generator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from dcl.client.client import DclClient, ServerInfo, StrPath
+from dcl.client.client import ClusterStatus, DclClient, ServerInfo, StrPath
 
 __all__ = ["SyncClient"]
 
@@ -66,6 +66,12 @@ class SyncClient:
 
     def get_servers(self) -> list[ServerInfo]:
         return self._run(self._client.get_servers())
+
+    def end_offset(self, offset: int = 0) -> int:
+        return self._run(self._client.end_offset(offset))
+
+    def cluster_status(self, address: str) -> ClusterStatus:
+        return self._run(self._client.cluster_status(address))
 
     def stream(self, offset: int) -> Generator[tuple[int, bytes], None, None]:
         """Blocking tail-following iterator; close it (or leave the loop) to end the stream."""

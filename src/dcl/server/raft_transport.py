@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from grpclib.client import Channel
 from grpclib.server import Stream
@@ -23,7 +23,7 @@ from dcl.api.dcl.v1.admin_grpc import AdminBase
 from dcl.errors import DclError, InvalidRequest, NotLeader, Unavailable
 from dcl.raft.driver import RaftDriver
 from dcl.raft.types import ConfChange, ConfChangeType, Message, ProposalDropped, Role
-from dcl.raft.wire import decode_message, encode_message
+from dcl.raft.wire import decode_message, encode_message_into
 from dcl.server.errors import send_error
 from dcl.server.replicated import ReplicatedBackend, encode_address_cmd
 
@@ -56,7 +56,7 @@ class _Peer:
     async def _run(self) -> None:
         backoff = 0.05
         while True:
-            addr = self._transport.address_of(self.id)
+            addr = self._transport.dial_address(self.id)
             if not addr:
                 self.queue.clear()
                 self.ready.clear()
@@ -74,9 +74,11 @@ class _Peer:
                             await self.ready.wait()
                         batch, self.queue = self.queue, []
                         src_addr = self._transport.local_addr
-                        await stream.send_message(raft_pb2.RaftBatch(
-                            messages=[encode_message(m, src_addr) for m in batch]))
-                        if self._transport.address_of(self.id) != addr:
+                        out = raft_pb2.RaftBatch()
+                        for m in batch:
+                            encode_message_into(out.messages.add(), m, src_addr)
+                        await stream.send_message(out)
+                        if self._transport.dial_address(self.id) != addr:
                             break  # the peer moved: reconnect to its new address
             except asyncio.CancelledError:
                 raise
@@ -93,11 +95,18 @@ class GrpcTransport:
     """dcl.raft.driver.Transport over per-peer gRPC streams."""
 
     def __init__(self, ssl_context: ssl.SSLContext, local_addr: str,
-                 address_of: Callable[[str], str | None]) -> None:
+                 address_of: Callable[[str], str | None],
+                 dial_overrides: Mapping[str, str] | None = None) -> None:
         self.ssl_context = ssl_context
         self.local_addr = local_addr
         self.address_of = address_of
+        #: peer id -> host:port dialled instead of the peer's advertised address (a proxy in
+        #: front of the link, as the chaos harness uses); the advertised address is unchanged.
+        self.dial_overrides = dict(dial_overrides or {})
         self._peers: dict[str, _Peer] = {}
+
+    def dial_address(self, peer_id: str) -> str | None:
+        return self.dial_overrides.get(peer_id) or self.address_of(peer_id)
 
     def send(self, messages: Sequence[Message]) -> None:
         by_peer: dict[str, list[Message]] = {}
@@ -146,10 +155,19 @@ class RaftService(raft_grpc.RaftBase):
 class AdminService(AdminBase):
     """Join / Leave / Cluster. Membership changes run on the leader only."""
 
-    def __init__(self, backend: ReplicatedBackend, *, catch_up_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        backend: ReplicatedBackend,
+        *,
+        catch_up_timeout: float = 30.0,
+        gossip_state: Callable[[str], str] | None = None,
+    ) -> None:
+        """``gossip_state(node_id)`` names a server's membership state as this node's gossip
+        sees it, for the Cluster answer (``dcl status``); None leaves the field empty."""
         self._backend = backend
         self._driver = backend.driver
         self._catch_up_timeout = catch_up_timeout
+        self._gossip_state = gossip_state
 
     def _require_leader(self) -> None:
         core = self._driver.core
@@ -243,6 +261,7 @@ class AdminService(AdminBase):
                 last, applied = (pr.match if pr else 0), 0
             servers.append(admin_pb2.ServerStatus(
                 id=sid, rpc_addr=self._backend.fsm.addresses.get(sid, ""), role=role,
-                term=st.term, last_index=last, applied_index=applied, voter=sid in st.voters))
+                term=st.term, last_index=last, applied_index=applied, voter=sid in st.voters,
+                gossip_state=self._gossip_state(sid) if self._gossip_state else ""))
         await stream.send_message(
             admin_pb2.ClusterResponse(servers=servers, leader_id=st.leader_id or ""))

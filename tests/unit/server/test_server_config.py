@@ -12,7 +12,7 @@ from grpclib.const import Cardinality, Handler
 from dcl.server.acl import Action, Authorizer
 from dcl.server.certs import generate_pki
 from dcl.server.server import DclServer
-from dcl.server.tls import ANONYMOUS, client_context, common_name, server_context
+from dcl.tls import ANONYMOUS, client_context, common_name, server_context
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -35,7 +35,7 @@ class ClusterRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("id", "rpc_addr", "role", "term", "last_index", "applied_index", "voter")
+    __slots__ = ("id", "rpc_addr", "role", "term", "last_index", "applied_index", "voter", "gossip_state")
     ID_FIELD_NUMBER: _ClassVar[int]
     RPC_ADDR_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class ServerStatus(_message.Message):
     LAST_INDEX_FIELD_NUMBER: _ClassVar[int]
     APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
+    GOSSIP_STATE_FIELD_NUMBER: _ClassVar[int]
     id: str
     rpc_addr: str
     role: str
@@ -50,7 +51,8 @@ class ServerStatus(_message.Message):
     last_index: int
     applied_index: int
     voter: bool
-    def __init__(self, id: _Optional[str] = ..., rpc_addr: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., voter: _Optional[bool] = ...) -> None: ...
+    gossip_state: str
+    def __init__(self, id: _Optional[str] = ..., rpc_addr: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., voter: _Optional[bool] = ..., gossip_state: _Optional[str] = ...) -> None: ...
 
 class ClusterResponse(_message.Message):
     __slots__ = ("servers", "leader_id")

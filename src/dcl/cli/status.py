@@ -1,0 +1,140 @@
+"""``dcl status``: one row per server — role, term, log and apply progress, gossip state.
+
+Each server is asked (Admin Cluster, in parallel) about itself, because only a node knows
+its own applied index exactly; the leader's answer supplies the gossip state of every
+member (what the leader's gossip sees) and the last index that lag is measured against.
+Lag is the leader's last log index minus the server's applied index: Raft entries the
+server has yet to apply. A server that does not answer is shown as unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+from dataclasses import asdict, dataclass
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from dcl.cli.connection import (
+    DEFAULT_CA_FILE,
+    DEFAULT_CERT_FILE,
+    DEFAULT_KEY_FILE,
+    DEFAULT_TIMEOUT,
+    AddrOpt,
+    CaFileOpt,
+    CertFileOpt,
+    Connection,
+    KeyFileOpt,
+    TimeoutOpt,
+)
+from dcl.cli.output import stdout_console
+from dcl.client import ClusterStatus, DclClient, NodeStatus, ServerInfo
+from dcl.errors import PermissionDenied, Unavailable
+
+__all__ = ["StatusFormat", "status"]
+
+UNREACHABLE = "unreachable"
+
+
+class StatusFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    node: str
+    address: str
+    role: str
+    term: int | None
+    last_index: int | None
+    applied_index: int | None
+    lag: int | None
+    voter: bool | None
+    gossip_state: str
+
+
+async def _ask(client: DclClient, address: str) -> ClusterStatus | None:
+    if not address:  # a member whose address the log has not recorded yet
+        return None
+    try:
+        return await client.cluster_status(address)
+    except PermissionDenied:
+        raise
+    except Unavailable:
+        return None
+
+
+async def _rows(client: DclClient) -> list[Row]:
+    servers: list[ServerInfo] = sorted(await client.get_servers(), key=lambda s: s.id)
+    answers = await asyncio.gather(*(_ask(client, s.rpc_addr) for s in servers))
+    own = {s.id: a.self_row(s.id) if a else None for s, a in zip(servers, answers, strict=True)}
+    leader_view = next((a for s, a in zip(servers, answers, strict=True)
+                        if a is not None and s.is_leader), None)
+    leader_row = own.get(leader_view.leader_id) if leader_view else None
+    rows = []
+    for server in servers:
+        mine: NodeStatus | None = own[server.id]
+        seen = leader_view.self_row(server.id) if leader_view else None
+        gossip = (seen.gossip_state if seen else "") or (mine.gossip_state if mine else "")
+        if mine is None:
+            rows.append(Row(server.id, server.rpc_addr, UNREACHABLE, None, None, None, None,
+                            seen.voter if seen else None, gossip))
+            continue
+        lag = max(leader_row.last_index - mine.applied_index, 0) if leader_row else None
+        rows.append(Row(server.id, server.rpc_addr, mine.role, mine.term, mine.last_index,
+                        mine.applied_index, lag, mine.voter, gossip))
+    return rows
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+_ROLE_STYLE = {"leader": "bold green", "follower": "green", "learner": "yellow",
+               UNREACHABLE: "bold red"}
+
+
+def _table(rows: list[Row]) -> Table:
+    # Learners are the non-voters, so the role column also says who votes (json has both).
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("node", "address", "role"):
+        table.add_column(name, no_wrap=True)
+    for name in ("term", "last", "applied", "lag"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("gossip", no_wrap=True)
+    for row in rows:
+        style = _ROLE_STYLE.get(row.role, "yellow")
+        table.add_row(
+            row.node, row.address, f"[{style}]{row.role}[/]", _cell(row.term),
+            _cell(row.last_index), _cell(row.applied_index), _cell(row.lag),
+            row.gossip_state or "-",
+        )
+    return table
+
+
+def status(
+    output: Annotated[StatusFormat, typer.Option(
+        "--output", "-o", help="table, or json (one object per server).")
+    ] = StatusFormat.table,
+    addr: AddrOpt = None,
+    ca_file: CaFileOpt = DEFAULT_CA_FILE,
+    cert_file: CertFileOpt = DEFAULT_CERT_FILE,
+    key_file: KeyFileOpt = DEFAULT_KEY_FILE,
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT,
+) -> None:
+    """Show each server's role, term, last log index, applied index, lag and gossip state."""
+    conn = Connection.from_options(addr, ca_file, cert_file, key_file, timeout)
+    rows = conn.run(_rows)
+    if output is StatusFormat.json:
+        typer.echo(json.dumps([asdict(r) for r in rows], indent=2))
+    else:
+        stdout_console.print(_table(rows))

@@ -1,0 +1,56 @@
+"""`dcl agent --peer-dial-override ID=HOST:PORT` (flags, env, YAML) reaches the Raft transport."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+import typer
+
+from dcl.cli.agent import build_config
+from dcl.server.certs import PkiFiles, generate_pki
+from dcl.server.raft_transport import GrpcTransport
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiFiles:
+    return generate_pki(tmp_path_factory.mktemp("pki"))
+
+
+def files(pki: PkiFiles) -> dict[str, object]:
+    return {
+        "acl_model_file": pki.acl_model, "acl_policy_file": pki.acl_policy,
+        "server_tls_cert_file": pki.server_cert, "server_tls_key_file": pki.server_key,
+        "server_tls_ca_file": pki.ca_cert, "peer_tls_cert_file": pki.peer_cert,
+        "peer_tls_key_file": pki.peer_key, "peer_tls_ca_file": pki.ca_cert,
+        "insecure_gossip": True,
+    }
+
+
+def test_repeated_flags_become_a_peer_to_address_map(pki: PkiFiles) -> None:
+    config = build_config({**files(pki), "peer_dial_overrides": [
+        "node-1=127.0.0.1:9001", "node-2=127.0.0.1:9002"]}, None)
+    assert config.peer_dial_overrides == {"node-1": "127.0.0.1:9001",
+                                          "node-2": "127.0.0.1:9002"}
+
+
+def test_the_config_file_may_give_a_mapping(pki: PkiFiles, tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("peer_dial_overrides:\n  node-1: 127.0.0.1:9001\n")
+    assert build_config(files(pki), path).peer_dial_overrides == {"node-1": "127.0.0.1:9001"}
+    assert build_config(files(pki), None).peer_dial_overrides == {}
+
+
+def test_a_malformed_override_is_refused(pki: PkiFiles) -> None:
+    with pytest.raises(typer.Exit):
+        build_config({**files(pki), "peer_dial_overrides": ["node-1:9001"]}, None)
+
+
+def test_the_transport_dials_the_override_and_else_the_advertised_address() -> None:
+    book = {"node-1": "127.0.0.1:8401", "node-2": "127.0.0.1:8402"}
+    transport = GrpcTransport(ssl.create_default_context(), "127.0.0.1:8400", book.get,
+                              dial_overrides={"node-1": "127.0.0.1:9001"})
+    assert transport.dial_address("node-1") == "127.0.0.1:9001"
+    assert transport.dial_address("node-2") == "127.0.0.1:8402"
+    assert transport.dial_address("node-3") is None
