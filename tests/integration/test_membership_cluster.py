@@ -173,3 +173,29 @@ def _env_without_dcl() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("DCL_")}
+
+
+async def test_nodes_that_gossiped_before_the_seed_was_up_are_still_admitted(
+    pki: PkiFiles, tmp_path: Path
+) -> None:
+    """node-1 and node-2 start first and find each other (their own gossip cluster); node-0
+    bootstraps later. Without re-joining the seeds the two gossip views would never merge and
+    the leader would never admit them."""
+    cluster = Cluster(pki, tmp_path, gossip=True)
+    seed, a, b = cluster.nodes
+    try:
+        everyone = [n.gossip_addr for n in cluster.nodes]
+        for node in (a, b):
+            node.start(bootstrap=False, join=[], start_join=everyone,
+                       snapshot_threshold=cluster.snapshot_threshold)
+        await asyncio.sleep(3.0)  # long enough for a and b to gossip-join each other
+        seed.start(bootstrap=True, join=[], start_join=[],
+                   snapshot_threshold=cluster.snapshot_threshold)
+        leader = await cluster.wait_for_members(cluster.nodes, timeout=SETTLE)
+        await eventually(lambda: _all_voters(leader, {n.name for n in cluster.nodes}),
+                         timeout=SETTLE, what="every node a voter")
+        offset = await leader.produce(b"merged")
+        for node in cluster.nodes:
+            await wait_for_log(node, {offset: b"merged"})
+    finally:
+        cluster.close()

@@ -46,6 +46,9 @@ __all__ = ["Agent", "AgentConfig"]
 
 log = logging.getLogger(__name__)
 
+#: While not yet admitted to Raft, re-join the gossip seeds this often (heals split views).
+_REJOIN_SECONDS = 5.0
+
 _GOSSIP_STATE_NAMES = {
     MemberState.ALIVE: "alive", MemberState.SUSPECT: "suspect",
     MemberState.DEAD: "failed", MemberState.LEFT: "left",
@@ -251,19 +254,30 @@ class Agent:
         self._undo.append(self._stop_gossip_tasks)
 
     async def _gossip_join_loop(self) -> None:
-        """Join through `start_join_addrs`, retrying until one answers (they may start later)."""
+        """Join through `start_join_addrs`, retrying until one answers (they may start later).
+
+        Then, for as long as Raft has not admitted this node, join them again every few
+        seconds: nodes that found each other before the seeds (or the leader) were up form a
+        gossip cluster of their own, which SWIM alone never merges; a push-pull with a seed
+        merges the two views, and the leader then admits us.
+        """
         assert self.membership is not None
-        delay = 0.2
+        delay, joined = 0.2, False
         while True:
+            core = self.driver.core
+            if joined and (core.id in core.voters or core.id in core.learners):
+                await asyncio.sleep(_REJOIN_SECONDS)
+                continue
             try:
                 n = await self.membership.join(self.config.start_join_addrs, retries=3,
                                                timeout=10.0)
-                log.info("gossip joined contacted=%d", n)
-                return
+                if not joined:
+                    log.info("gossip joined contacted=%d", n)
+                joined, delay = True, _REJOIN_SECONDS
             except JoinFailed as exc:
                 log.warning("gossip join failed, retrying: %s", exc)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, _REJOIN_SECONDS)
 
     async def _stop_gossip_tasks(self) -> None:
         tasks, self._gossip_tasks = self._gossip_tasks, []
