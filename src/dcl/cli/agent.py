@@ -191,6 +191,17 @@ def agent(
         raise
 
 
+#: Printed by `dcl dev`: the client commands default to its first node and root certificate.
+_DEV_EXAMPLES = (
+    "dcl status",
+    "dcl produce hello world",
+    "seq 1 10000 | dcl produce",
+    "dcl consume --from 0 --count 5",
+    "dcl consume --from end --follow",
+    "dcl bench --records 50000",
+)
+
+
 def dev(
     directory: Annotated[Path, typer.Option("--dir", help="Work directory.")] = Path(".dcl-dev"),
     base_port: Annotated[int, typer.Option("--base-port", help="First RPC port.")] = 8400,
@@ -224,6 +235,9 @@ def dev(
         procs.append(subprocess.Popen(args, start_new_session=True))
     typer.echo(f"DCL Store dev cluster: {', '.join(f'127.0.0.1:{p}' for p in ports)}")
     typer.echo(f"certificates in {pki_dir}; client identity root-client.pem (CN root)")
+    typer.echo("Try, in another shell in this directory (dcl on PATH: . .venv/bin/activate):")
+    for example in _DEV_EXAMPLES:
+        typer.echo(f"  {example}")
     typer.echo("Ctrl-C stops all nodes.")
 
     def interrupt(signum: int, frame: object) -> None:
