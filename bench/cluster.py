@@ -9,7 +9,8 @@ process over mutual TLS:
   consume_follower_rps   dcl.v1 ConsumeBatch from a follower
   unary_produce_64_rps   log.v1 Produce with 64 calls in flight
   pstream_rps            log.v1 ProduceStream, 8 streams x 64 unanswered requests
-  cstream_rps            log.v1 ConsumeStream from a follower, one stream
+  cstream_rps            log.v1 ConsumeStream from a follower, one stream (100 B records;
+                         1 KiB records and an idle stream at the tail are printed too)
 
 The last line is one JSON object with exactly those keys. `--quick` shrinks every phase.
 """
@@ -62,6 +63,22 @@ def start_cluster(work: Path, pki: PkiFiles) -> tuple[list[subprocess.Popen[byte
         args += ["--bootstrap"] if i == 0 else ["--join-rpc-addrs", f"127.0.0.1:{ports[0]}"]
         procs.append(subprocess.Popen(args))
     return procs, ports
+
+
+async def wait_applied(stub: batch_grpc.BatchStub, next_offset: int) -> None:
+    """Wait (up to 30 s) until the node behind stub has applied everything below next_offset."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        r = await stub.ConsumeBatch(batch_pb2.ConsumeBatchRequest(offset=max(next_offset - 1, 0)))
+        if r.next_offset >= next_offset:
+            return
+        await asyncio.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(samples: list[float], p: float) -> float:
@@ -125,6 +142,8 @@ async def run(quick: bool) -> dict[str, float]:
             await asyncio.gather(*(one() for _ in range(calls)))
             return calls * per_call / (time.perf_counter() - t0)
 
+        first_1k = (await batch_stub.ConsumeBatch(
+            batch_pb2.ConsumeBatchRequest(offset=0))).next_offset
         rps = await batched(1024, 512, int(200_000 * scale), 4)
         out["batch_1k_rps"] = round(rps)
         out["batch_1k_mbps"] = round(rps * 1024 / 1e6, 1)
@@ -136,12 +155,7 @@ async def run(quick: bool) -> dict[str, float]:
         # Consume everything from a follower in batches.
         fstub = batch_grpc.BatchStub(follower)
         nxt = (await batch_stub.ConsumeBatch(batch_pb2.ConsumeBatchRequest(offset=0))).next_offset
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            r = await fstub.ConsumeBatch(batch_pb2.ConsumeBatchRequest(offset=max(nxt - 1, 0)))
-            if r.next_offset >= nxt:
-                break
-            await asyncio.sleep(0.05)
+        await wait_applied(fstub, nxt)
         t0, offset, n = time.perf_counter(), 0, 0
         while offset < nxt:
             r = await fstub.ConsumeBatch(batch_pb2.ConsumeBatchRequest(
@@ -188,25 +202,48 @@ async def run(quick: bool) -> dict[str, float]:
                     window.release()
                 await task
 
+        pstream_first = (await batch_stub.ConsumeBatch(
+            batch_pb2.ConsumeBatchRequest(offset=0))).next_offset
         t0 = time.perf_counter()
         await asyncio.gather(*(pstream() for _ in range(8)))
         out["pstream_rps"] = round(8 * per_stream / (time.perf_counter() - t0))
         print(f"ProduceStream 8x64: {out['pstream_rps']:,} records/s")
 
-        # ConsumeStream from a follower, one stream, over what is already there.
+        # ConsumeStream from a follower, one stream, over records already there: the
+        # ProduceStream phase's 100-byte records (the JSON figure), then the first phase's
+        # 1 KiB records (printed only, to show the byte-bound case).
         fl = log_grpc.LogStub(follower)
-        target = int(100_000 * scale)
-        t0 = time.perf_counter()
-        got = 0
+        await wait_applied(fstub, pstream_first + 8 * per_stream)
+
+        async def cstream(first: int, count: int) -> float:
+            t0, got = time.perf_counter(), 0
+            async with fl.ConsumeStream.open() as st:
+                await st.send_message(log_pb2.ConsumeRequest(offset=first), end=True)
+                while got < count:
+                    if await st.recv_message() is None:
+                        break
+                    got += 1
+                await st.cancel()
+            return got / (time.perf_counter() - t0)
+
+        out["cstream_rps"] = round(await cstream(pstream_first, 8 * per_stream))
+        print(f"ConsumeStream from follower: {out['cstream_rps']:,} records/s (100 B records)")
+        big = await cstream(first_1k, int(100_000 * scale))
+        print(f"ConsumeStream from follower: {big:,.0f} records/s (1 KiB records, "
+              f"{big * 1024 / 1e6:.0f} MB/s)")
+
+        # An idle ConsumeStream parked at the tail must cost (next to) nothing: no polling.
+        fpid = procs[(li + 1) % 3].pid
+        tail = (await fstub.ConsumeBatch(batch_pb2.ConsumeBatchRequest(offset=0))).next_offset
         async with fl.ConsumeStream.open() as st:
-            await st.send_message(log_pb2.ConsumeRequest(offset=0), end=True)
-            while got < target:
-                if await st.recv_message() is None:
-                    break
-                got += 1
+            await st.send_message(log_pb2.ConsumeRequest(offset=tail), end=True)
+            await asyncio.sleep(0.5)
+            c0, t0 = cpu_seconds(fpid), time.perf_counter()
+            await asyncio.sleep(3.0 * scale if quick else 3.0)
+            idle = (cpu_seconds(fpid) - c0) / (time.perf_counter() - t0) * 100
             await st.cancel()
-        out["cstream_rps"] = round(got / (time.perf_counter() - t0))
-        print(f"ConsumeStream from follower: {out['cstream_rps']:,} records/s")
+        print(f"idle ConsumeStream at the tail: follower process at {idle:.1f}% CPU "
+              "(includes Raft heartbeats and gossip)")
     finally:
         for c in channels:
             c.close()
