@@ -182,6 +182,8 @@ class Agent:
         storage = RaftStorage(data / "raft", max_segment_bytes=cfg.segment_bytes)
         self._storage = storage
         self._undo.append(self._close_storage)
+        # Records the commit log lost on disk come back from our own Raft state first.
+        self.fsm.recover(storage)
         peer_ctx = client_context(cfg.peer_tls_cert_file, cfg.peer_tls_key_file,
                                   cfg.peer_tls_ca_file)
         self._transport = GrpcTransport(peer_ctx, cfg.rpc_addr, self.fsm.addresses.get,

@@ -214,7 +214,9 @@ class RaftStorage:
         # The log's initial offset matters only when its directory holds no segment: a fresh
         # store (raft indexes start at 1) or a crash inside Log.reset (continue after the
         # snapshot, which is already durable then).
-        config = LogConfig(max_store_bytes=max_segment_bytes, initial_offset=snap_index + 1)
+        config = LogConfig(
+            max_store_bytes=max_segment_bytes, initial_offset=snap_index + 1, empty_records=False
+        )
         self._log = Log(self.directory / "log", config)
         try:
             self._reconcile()
@@ -223,6 +225,11 @@ class RaftStorage:
             raise
 
     # -- properties -----------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The latest durable snapshot (the FSM rebuilds from it when its own files are damaged)."""
+        return self._snapshot
 
     @property
     def snapshot_index(self) -> int:
@@ -266,17 +273,32 @@ class RaftStorage:
         return hs, self._snapshot, self.entries(self.first_index, self.last_index + 1)
 
     def entries(self, lo: int, hi: int) -> list[Entry]:
-        """Entries with index in [lo, hi), read back from the log (CRC-checked)."""
+        """Entries with index in [lo, hi), read back from the log (CRC-checked).
+
+        Raises `CorruptRecord` naming the damaged file. That is not a torn tail (recovery trims
+        those) but damage to fsynced entries this node may have acknowledged: dropping them
+        and rejoining with a shorter log is unsafe for a voter (a quorum could then lack an
+        entry it counted as committed), so `load()` failing this way stops the node.
+        """
         self._check_open()
         log = self._log
         path = str(log.directory)
         out: list[Entry] = []
         index = lo
-        while index < hi:
-            batch = log.read_batch(index, min(hi - index, _LOAD_BATCH_RECORDS), _LOAD_BATCH_BYTES)
-            for raw in batch:
-                out.append(_decode_entry(index, raw, path))
-                index += 1
+        try:
+            while index < hi:
+                batch = log.read_batch(
+                    index, min(hi - index, _LOAD_BATCH_RECORDS), _LOAD_BATCH_BYTES)
+                for raw in batch:
+                    out.append(_decode_entry(index, raw, path))
+                    index += 1
+        except CorruptRecord as exc:
+            raise CorruptRecord(
+                exc.path, exc.position,
+                f"{exc.reason} (raft entry {index}); the Raft log is damaged and this node "
+                "must not run on it (it may have acknowledged the lost entries): restore its "
+                "data directory, or remove the node from the cluster and add it back empty",
+            ) from exc
         return out
 
     def term(self, index: int) -> int:

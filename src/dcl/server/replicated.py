@@ -9,16 +9,20 @@ Durability: the Raft log is the durable copy (fsynced on a quorum before anythin
 acknowledged). The commit log is rebuilt from it: a checkpoint (applied index, next offset),
 written only after the commit log is fsynced, says how far the commit log is known good; on
 restart the commit log is cut back to the checkpoint and later entries are applied again, so
-apply is idempotent across crashes.
+apply is idempotent across crashes. Records the checkpoint vouches for that are missing or do
+not read back intact (damage, not a crash) are rebuilt from the node's own Raft snapshot and
+log before it serves (`LogFsm.recover`); damage to the Raft log itself stops the node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
@@ -27,6 +31,7 @@ from typing import Any
 from dcl.api.dcl.v1 import raft_pb2
 from dcl.errors import CorruptRecord, NotLeader, OffsetOutOfRange, Unavailable
 from dcl.raft.driver import RaftDriver
+from dcl.raft.storage import RaftStorage
 from dcl.raft.types import Entry, EntryType, Role, Snapshot
 from dcl.server.backend import ServerInfo
 from dcl.server.records import encode_record
@@ -42,6 +47,17 @@ _U32 = struct.Struct(">I")
 _SNAP_HEADER = struct.Struct(">QI")  # first offset, address-book JSON length
 
 
+#: Raft entries read per batch when re-applying them from local storage.
+_REPLAY_BATCH = 1024
+
+
+def _record_count(entry: Entry) -> int:
+    """How many commit-log records applying `entry` appends."""
+    if entry.type is EntryType.NORMAL and entry.data and entry.data[0] == CMD_RECORDS:
+        return len(raft_pb2.RecordBatchCommand.FromString(entry.data[1:]).values)
+    return 0
+
+
 def encode_records_cmd(values: Sequence[bytes]) -> bytes:
     return bytes([CMD_RECORDS]) + raft_pb2.RecordBatchCommand(values=values).SerializeToString()
 
@@ -52,61 +68,234 @@ def encode_address_cmd(node_id: str, rpc_addr: str) -> bytes:
 
 
 class LogFsm:
-    """Applies committed entries to the commit log; see the module docstring for durability."""
+    """Applies committed entries to the commit log; see the module docstring for durability.
 
-    def __init__(self, directory: Path, config: LogConfig | None = None) -> None:
+    Damage on disk (found at open): records past the checkpoint are cut (they are re-applied);
+    records the checkpoint vouches for that are missing (a cut store tail) or do not read back
+    intact (`Log.verify`: a zeroed block or bit rot in any segment) are cut from the first bad
+    one on, and `recover()` rebuilds them from this node's own Raft snapshot and log, with the
+    same offsets and bytes as before. Until then the FSM reports `applied_index` 0 and takes no
+    checkpoint, so if `recover()` is never called the driver restores the Raft snapshot or
+    replays the Raft log from its start, never appending at a wrong offset.
+
+    Cost at open: every segment written since the last verified open is read once (about 1 s
+    per GiB of 1 KiB records); sealed segments whose store file is unchanged since they were
+    verified (same inode, size, mtime, ctime, recorded in `fsm.verified`) are skipped. So a
+    write through the file system (a cut, a zeroed block, a replaced file) is always found at
+    open; silent media bit rot in an unchanged sealed segment is found by the per-read CRC,
+    which answers `CorruptRecord` (DATA_LOSS), never other bytes.
+    """
+
+    def __init__(
+        self, directory: Path, config: LogConfig | None = None, *, verify: bool = True
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._checkpoint_path = directory / "fsm.checkpoint"
-        self.log = Log(directory / "commitlog", config or LogConfig())
+        self._stamps_path = directory / "fsm.verified"
+        # Records are never empty (each carries its offset), so zeroed bytes are never one.
+        self.log = Log(
+            directory / "commitlog", dataclasses.replace(config or LogConfig(), empty_records=False)
+        )
         self.addresses: dict[str, str] = {}
-        applied, next_offset, addresses = self._load_checkpoint()
+        self._checkpoint_lock = threading.Lock()
+        applied, next_offset, lowest, addresses = self._load_checkpoint()
+        if self.log.lowest_offset != lowest:
+            # Segments at the head went missing (a removed file): the log would silently start
+            # later than the other nodes'. Start it over where it began and rebuild it.
+            log.error(
+                "commit log lost its first segments path=%s lowest=%d checkpoint_lowest=%d",
+                self.log.directory, self.log.lowest_offset, lowest,
+            )
+            self.log.reset(lowest)
         if self.log.next_offset > next_offset:
             self.log.truncate_after(next_offset - 1)
-        elif self.log.next_offset < next_offset:
-            # Checkpoints follow an fsync of the log, so this means the disk lost synced data.
-            raise CorruptRecord(str(self.log), self.log.next_offset, "commit log behind checkpoint")
+        if verify:
+            bad = self.log.verify(self._load_stamps())
+            if bad is None:
+                self._save_stamps()
+            else:
+                log.error(
+                    "commit log damaged: cut at the first bad record, to be rebuilt "
+                    "path=%s offset=%d next_offset=%d", self.log.directory, bad,
+                    self.log.next_offset,
+                )
+                self.log.truncate_after(bad - 1)
         self.applied_index = applied
         self.addresses.update(addresses)
         self._checkpointed = (applied, next_offset)
+        #: Entries up to here were fsynced in this node's Raft log before they were applied.
+        self._checkpoint_applied = applied
+        #: (applied index, next offset) the checkpoint vouched for but the log no longer holds.
+        self._rebuild_to: tuple[int, int] | None = None
+        if self.log.next_offset < next_offset:
+            log.error(
+                "commit log behind its checkpoint path=%s next_offset=%d checkpoint=%d "
+                "applied=%d", self.log.directory, self.log.next_offset, next_offset, applied,
+            )
+            self._rebuild_to = (applied, next_offset)
+            self.applied_index = 0
+        #: (applied index, next offset) as of the last apply, assigned as one value: what a
+        #: checkpoint taken from another thread records.
+        self._mark = (self.applied_index, self.log.next_offset)
 
-    def _load_checkpoint(self) -> tuple[int, int, dict[str, str]]:
+    def _load_checkpoint(self) -> tuple[int, int, int, dict[str, str]]:
+        """(applied index, next offset, lowest offset, address book); a missing or unreadable
+        checkpoint vouches for nothing, so the whole commit log is then rebuilt from Raft."""
+        lowest = self.log.lowest_offset
+        nothing: tuple[int, int, int, dict[str, str]] = (0, lowest, lowest, {})
         try:
             raw = self._checkpoint_path.read_bytes()
         except FileNotFoundError:
-            return 0, self.log.lowest_offset, {}
+            return nothing
         crc, body = raw[:4], raw[4:]
-        if _U32.pack(zlib.crc32(body)) != crc:
-            raise CorruptRecord(str(self._checkpoint_path), 0, "checkpoint checksum mismatch")
-        doc = json.loads(body)
-        return int(doc["applied"]), int(doc["next_offset"]), dict(doc.get("addresses", {}))
+        try:
+            if _U32.pack(zlib.crc32(body)) != crc:
+                raise ValueError("checksum mismatch")
+            doc = json.loads(body)
+            return (
+                int(doc["applied"]), int(doc["next_offset"]),
+                int(doc.get("lowest_offset", lowest)), dict(doc.get("addresses", {})),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("fsm checkpoint unreadable, rebuilding the commit log path=%s error=%s",
+                      self._checkpoint_path, exc)
+            return nothing
+
+    def _load_stamps(self) -> dict[int, list[int]]:
+        try:
+            doc = json.loads(self._stamps_path.read_bytes())
+            return {int(base): [int(v) for v in stamp] for base, stamp in doc.items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}  # missing or damaged: verify everything again
+
+    def _save_stamps(self) -> None:
+        """Remember which sealed segments were verified (not fsynced: losing it only costs a
+        re-verification)."""
+        body = json.dumps({str(b): list(s) for b, s in self.log.sealed_stamps().items()})
+        tmp = self._stamps_path.with_name(self._stamps_path.name + ".tmp")
+        tmp.write_text(body)
+        os.replace(tmp, self._stamps_path)
+
+    def recover(self, storage: RaftStorage) -> None:
+        """Rebuild records the checkpoint vouched for from this node's Raft snapshot and log.
+
+        Call once the Raft storage is open and before the driver is built from it; a no-op
+        when the commit log is whole. Walks back from the checkpoint (applied index, next
+        offset) through the Raft log, counting each entry's records, to the newest entry
+        boundary the intact prefix reaches; cuts there and re-applies the entries after it.
+        If the damage reaches below the Raft log (compacted), restores the Raft snapshot
+        (the whole commit log up to its index) and re-applies everything after it. Apply is
+        deterministic, so offsets and bytes come out as before (and as on the other nodes).
+        Raises `CorruptRecord` if the Raft state disagrees with the checkpoint or is damaged
+        itself (the node must not start on it).
+        """
+        if self._checkpoint_applied > storage.last_index:
+            # Applied entries were fsynced in the Raft log first (and acknowledged): a crash
+            # cannot take them away, only damage can. Rejoining with the shorter log could
+            # let a quorum forget a committed entry, so refuse, as for a corrupt Raft segment.
+            raise CorruptRecord(
+                str(storage.directory / "log"), storage.last_index + 1,
+                f"the Raft log ends at index {storage.last_index} but this node applied "
+                f"entries up to {self._checkpoint_applied}: it lost entries it acknowledged "
+                "and will not start on it: restore its data directory, or remove the node "
+                "from the cluster and add it back with an empty one",
+            )
+        if self._rebuild_to is None:
+            return
+        applied, next_offset = self._rebuild_to
+        have = self.log.next_offset
+        snap_index = storage.snapshot_index
+        index, offset = applied, next_offset  # entries <= index make the records < offset
+        # Walk only entries the Raft log still holds; if its snapshot is as new as the
+        # checkpoint (installed just before a crash), the snapshot alone is the answer.
+        walkable = snap_index < applied <= storage.last_index
+        while walkable and index > snap_index and offset > have:
+            lo = max(snap_index + 1, index - _REPLAY_BATCH + 1)
+            for entry in reversed(storage.entries(lo, index + 1)):
+                offset -= _record_count(entry)
+                index -= 1
+                if offset <= have:
+                    break
+        self._rebuild_to = None
+        if walkable and offset <= have:
+            self.log.truncate_after(offset - 1)
+            self.applied_index = index
+            source = f"raft log from index {index + 1}"
+        else:
+            snapshot = storage.snapshot
+            if snapshot is not None:
+                self.restore(snapshot)
+                source = f"raft snapshot at index {snap_index}, then the raft log"
+            else:
+                self.log.reset(self.log.lowest_offset)
+                self.applied_index = 0
+                source = "raft log from its start"
+            if walkable and self.log.next_offset != offset:
+                raise CorruptRecord(
+                    str(self.log.directory), offset,
+                    f"checkpoint disagrees with the raft state (rebuilt to "
+                    f"{self.log.next_offset} at index {self.applied_index})",
+                )
+        last = min(applied, storage.last_index)
+        while self.applied_index < last:
+            self.apply(storage.entries(
+                self.applied_index + 1, min(last, self.applied_index + _REPLAY_BATCH) + 1))
+        if self.applied_index == applied and self.log.next_offset != next_offset:
+            raise CorruptRecord(
+                str(self.log.directory), self.log.next_offset,
+                f"re-applying raft entries up to {applied} gave next offset "
+                f"{self.log.next_offset}, the checkpoint says {next_offset}",
+            )
+        self._mark = (self.applied_index, self.log.next_offset)
+        self._checkpointed = (-1, -1)
+        self.checkpoint()
+        log.warning(
+            "commit log rebuilt from local raft state path=%s intact_below=%d source=%s "
+            "next_offset=%d applied=%d", self.log.directory, have, source,
+            self.log.next_offset, self.applied_index,
+        )
 
     def checkpoint(self) -> None:
-        """Fsync the commit log, then durably record how far it is good. Thread-safe w.r.t.
-        the loop appending (dcl.storage.Log.sync is); the captured marks are taken first."""
-        applied, next_offset = self.applied_index, self.log.next_offset
-        addresses = dict(self.addresses)
-        if (applied, next_offset) == self._checkpointed:
-            return
-        self.log.sync()
-        body = json.dumps(
-            {"applied": applied, "next_offset": next_offset, "addresses": addresses}
-        ).encode()
-        tmp = self._checkpoint_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(_U32.pack(zlib.crc32(body)) + body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._checkpoint_path)
-        dir_fd = os.open(self._checkpoint_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        self._checkpointed = (applied, next_offset)
+        """Fsync the commit log, then durably record how far it is good.
+
+        Runs in an executor thread while the loop applies: it reads `_mark`, which apply sets
+        in one assignment after the records are appended, so the applied index and the next
+        offset it records always belong together (reading the two attributes separately could
+        pair an old index with a newer offset, and a restart would then apply an entry twice).
+        The lock keeps checkpoints, and `restore()` replacing the log, from interleaving.
+        """
+        with self._checkpoint_lock:
+            applied, next_offset = self._mark
+            if (applied, next_offset) == self._checkpointed or self._rebuild_to is not None:
+                return  # unchanged, or the log is not yet consistent with any applied index
+            lowest = self.log.lowest_offset
+            addresses = dict(self.addresses)
+            self.log.sync()
+            body = json.dumps({
+                "applied": applied, "next_offset": next_offset, "lowest_offset": lowest,
+                "addresses": addresses,
+            }).encode()
+            tmp = self._checkpoint_path.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                f.write(_U32.pack(zlib.crc32(body)) + body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._checkpoint_path)
+            dir_fd = os.open(self._checkpoint_path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            self._checkpointed = (applied, next_offset)
 
     # ------------------------------------------------------------------ Fsm protocol
 
     def apply(self, entries: Sequence[Entry]) -> list[Any]:
+        if self._rebuild_to is not None:
+            # recover() was not called and the driver replays the Raft log from its start
+            # (there is no snapshot, or restore() would have run): start the log over.
+            self.log.reset(self.log.lowest_offset)
+            self._rebuild_to = None
         results: list[Any] = []
         for entry in entries:
             result: Any = None
@@ -129,19 +318,32 @@ class LogFsm:
                     log.error("unknown fsm command %d at index %d", cmd, entry.index)
             self.applied_index = entry.index
             results.append(result)
+        self._mark = (self.applied_index, self.log.next_offset)
         self.log.flush()
         return results
 
     def snapshot_data(self) -> bytes:
-        """Address book, then every record of the commit log, length-prefixed."""
+        """Address book, then every record of the commit log, length-prefixed.
+
+        A record that fails its CRC here was damaged while the node ran, where the verified
+        stamps cannot see it (bit rot changes no mtime): they are dropped, so the next open
+        verifies every segment and rebuilds the damage before serving. The error propagates
+        (no snapshot can be taken without the record).
+        """
         book = json.dumps(self.addresses).encode()
         parts = [_SNAP_HEADER.pack(self.log.lowest_offset, len(book)), book]
         offset, end = self.log.lowest_offset, self.log.next_offset
-        while offset < end:
-            batch = self.log.read_batch(offset, 4096, 8 << 20)
-            for record in batch:
-                parts += [_U32.pack(len(record)), record]
-            offset += len(batch)
+        try:
+            while offset < end:
+                batch = self.log.read_batch(offset, 4096, 8 << 20)
+                for record in batch:
+                    parts += [_U32.pack(len(record)), record]
+                offset += len(batch)
+        except CorruptRecord:
+            log.error("commit log damaged while running: full verification at next open "
+                      "path=%s offset=%d", self.log.directory, offset)
+            self._stamps_path.unlink(missing_ok=True)
+            raise
         return b"".join(parts)
 
     def restore(self, snapshot: Snapshot) -> None:
@@ -155,11 +357,14 @@ class LogFsm:
             (n,) = _U32.unpack_from(data, pos)
             records.append(bytes(data[pos + 4 : pos + 4 + n]))
             pos += 4 + n
-        self.log.reset(first)
-        if records:
-            self.log.append_batch(records)
-        self.applied_index = snapshot.meta.index
-        self._checkpointed = (-1, -1)
+        with self._checkpoint_lock:  # no checkpoint may pair the old marks with the new log
+            self._rebuild_to = None
+            self.log.reset(first)
+            if records:
+                self.log.append_batch(records)
+            self.applied_index = snapshot.meta.index
+            self._mark = (self.applied_index, self.log.next_offset)
+            self._checkpointed = (-1, -1)
         self.checkpoint()
 
     def close(self) -> None:

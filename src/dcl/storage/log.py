@@ -21,7 +21,7 @@ import io
 import logging
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +52,10 @@ class LogConfig:
     max_store_bytes: int = 64 * 1024 * 1024
     max_index_bytes: int = 12 * 1024 * 1024
     initial_offset: int = 0
+    #: False for logs that never store an empty record (the Raft log, the commit log): then
+    #: recovery and `verify` take a zero-length frame for the zero fill or zeroed block it
+    #: looks like, instead of an empty record that happens to pass its CRC.
+    empty_records: bool = True
 
     def __post_init__(self) -> None:
         if self.max_store_bytes <= 0:
@@ -121,6 +125,8 @@ class Log:
         """Append one record (buffered, not yet durable); return its offset."""
         if self._closed:
             raise LogClosed(f"log {self.directory} is closed")
+        if not (value or self.config.empty_records):
+            raise InvalidRequest(f"log {self.directory} does not store empty records")
         segment = self._segments[-1]
         if segment.is_full():
             segment = self._roll()
@@ -129,6 +135,8 @@ class Log:
     def append_batch(self, values: Sequence[BytesLike]) -> int:
         """Append records with consecutive offsets; return the first (next_offset if empty)."""
         self._check_open()
+        if not self.config.empty_records and not all(values):
+            raise InvalidRequest(f"log {self.directory} does not store empty records")
         first = self.next_offset
         i = 0
         count = len(values)
@@ -187,6 +195,41 @@ class Log:
                 return out
             segment = self._segments[position]
             offset = segment.base_offset
+
+    def verify(self, skip: Mapping[int, Sequence[int]] | None = None) -> int | None:
+        """The lowest offset whose record does not read back intact, or None if every one does.
+
+        Opening a log checks only what a crash can damage (the active segment's tail), in time
+        independent of the log's size. This is the full check for damage a crash cannot explain
+        (a zeroed block or bit rot in a sealed segment): it reads every byte, about 1 s per GiB
+        of 1 KiB records and 5 s per GiB of 100 B records on these machines (one CRC and a few
+        struct calls per record; see bench/storage.py, "verify"). `skip` maps a sealed segment's
+        base offset to the `sealed_stamps()` taken when it was last verified: a segment whose
+        store file was not written since is not read again. The active segment is always read.
+
+        Records below the returned offset are intact; the caller decides what to do with the
+        rest (cut them and rebuild from a replica, or let reads keep failing `CorruptRecord`).
+        """
+        self._check_open()
+        self.flush()
+        segments = self._segments
+        for i, segment in enumerate(segments):
+            sealed = i + 1 < len(segments)
+            if sealed and skip and tuple(skip.get(segment.base_offset, ())) == (
+                segment.store.stamp()
+            ):
+                continue
+            bad = segment.verify()
+            if bad is not None:
+                return bad
+            if sealed and segment.next_offset < segments[i + 1].base_offset:
+                return segment.next_offset  # the framing broke: the segment's tail is missing
+        return None
+
+    def sealed_stamps(self) -> dict[int, tuple[int, int, int, int]]:
+        """`Store.stamp()` of every sealed (non-active) segment, by base offset, for `verify`."""
+        self._check_open()
+        return {s.base_offset: s.store.stamp() for s in self._segments[:-1]}
 
     def reader(self) -> LogReader:
         """A stream of every segment's store bytes, in order: a consistent cut for snapshots.
@@ -321,7 +364,10 @@ class Log:
 
     def _new_segment(self, base_offset: int) -> Segment:
         config = self.config
-        return Segment(self.directory, base_offset, config.max_store_bytes, config.max_index_bytes)
+        return Segment(
+            self.directory, base_offset, config.max_store_bytes, config.max_index_bytes,
+            allow_empty=config.empty_records,
+        )
 
     def _roll(self) -> Segment:
         """Seal the active segment (fsync store and index) and start a new one after it."""
@@ -370,6 +416,8 @@ class Log:
                     config.max_store_bytes,
                     config.max_index_bytes,
                     trim_torn_tail=i == len(bases) - 1,
+                    sealed_entries=bases[i + 1] - base if i + 1 < len(bases) else None,
+                    allow_empty=config.empty_records,
                 )
             )
             self._bases.append(base)

@@ -5,8 +5,11 @@ store (binary search, no per-record work), then only the tail is verified frame 
 the last indexed record and any records past the index. In the active (last) segment a torn tail
 (incomplete frame, or a bad final frame, or zero fill) is what kill -9 or power loss leaves
 behind, and is trimmed. A bad frame with valid data after it is corruption, not a torn write: it
-stays indexed so that reading it raises `CorruptRecord`. In a closed segment nothing is trimmed;
-if its framing breaks, the unreadable remainder is reported by `damaged_at`.
+stays indexed so that reading it raises `CorruptRecord`. In a closed (sealed) segment nothing is
+trimmed: when its index accounts for every record (the next segment's base says how many), the
+index is trusted and nothing is read; otherwise the store is walked, and if its framing breaks,
+the unreadable remainder is reported by `damaged_at`. Damage recovery does not look for (a zeroed
+block inside a sealed segment) fails the CRC or length check on read; `verify` finds it up front.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Segment:
 
     __slots__ = (
         "_end",
+        "allow_empty",
         "base_offset",
         "damaged_at",
         "index",
@@ -69,15 +73,20 @@ class Segment:
         max_index_bytes: int,
         *,
         trim_torn_tail: bool = True,
+        sealed_entries: int | None = None,
+        allow_empty: bool = True,
     ) -> None:
         stem = Path(directory) / segment_name(base_offset)
         self.base_offset = base_offset
+        # False when the log never stores empty records: then a zero-length frame (twelve zero
+        # bytes, exactly what zero fill looks like) is damage, never a record.
+        self.allow_empty = allow_empty
         self.max_store_bytes = max_store_bytes
         self.damaged_at: int | None = None
         self.store = Store(stem.with_suffix(STORE_SUFFIX))
         self.index = Index(stem.with_suffix(INDEX_SUFFIX), max_index_bytes)
         self._end = 0
-        self._recover(trim_torn_tail)
+        self._recover(trim_torn_tail, sealed_entries)
 
     @property
     def next_offset(self) -> int:
@@ -195,15 +204,88 @@ class Segment:
         return used
 
     def truncate_after(self, offset: int) -> None:
-        """Keep records <= offset (offset >= base_offset - 1); the store is cut to match."""
+        """Keep records <= offset (offset >= base_offset - 1); the store is cut to match.
+
+        Unreadable bytes past the last indexed record (`damaged_at`) are cut too, so a damaged
+        closed segment can become the active one and be appended to.
+        """
         keep = offset + 1 - self.base_offset
         if keep >= self.index.entries:
+            if self.store.size > self._end:
+                self.store.truncate(self._end)
+            self.damaged_at = None
             return
         end = self.index.position(keep)
         self.store.truncate(end)
         self.index.set_entries(keep)
         self._end = end
         self.damaged_at = None
+
+    def verify(self, window_bytes: int = 8 << 20) -> int | None:
+        """Offset of the first indexed record that does not read back intact; None if all do.
+
+        Unlike recovery, which checks only the tail, this reads the whole store: every frame's
+        CRC, and every index entry against the frame chain (so a damaged entry or length field
+        is found here, not by a reader). Sequential windows of `window_bytes`; O(bytes), with
+        one CRC, one unpack and one pack per record.
+        """
+        index = self.index
+        entries = index.entries
+        mm = index.mm
+        crc32 = zlib.crc32
+        unpack_header = HEADER.unpack_from
+        pack_entry = ENTRY.pack
+        allow_empty = self.allow_empty
+        relative = 0
+        position = 0
+        while relative < entries:
+            data = self.store.read_at(position, min(window_bytes, self._end - position))
+            view = memoryview(data)
+            size = len(data)
+            first = relative
+            packed: list[bytes] = []
+            bad: int | None = None
+            p = 0
+            while relative < entries and p + HEADER_SIZE <= size:
+                length, crc = unpack_header(data, p)
+                end = p + HEADER_SIZE + length
+                if end > size:
+                    break
+                packed.append(pack_entry(relative, position + p))
+                if crc32(view[p + HEADER_SIZE : end]) != crc or not (length or allow_empty):
+                    bad = relative  # unless its entry disagrees with the chain (see below)
+                    break
+                p = end
+                relative += 1
+            view.release()
+            expected = b"".join(packed)
+            actual = mm[first * ENTRY_SIZE : first * ENTRY_SIZE + len(expected)]
+            if actual != expected:
+                mismatch = first + next(
+                    i for i in range(len(packed))
+                    if actual[i * ENTRY_SIZE : (i + 1) * ENTRY_SIZE] != packed[i]
+                )
+                # Entry k disagrees with the chain: the frame before it has a wrong length
+                # field (or entry k is damaged); either way record k-1 no longer reads back.
+                return self.base_offset + max(mismatch - 1, 0)
+            if bad is not None:
+                return self.base_offset + bad
+            if relative == first:
+                # No whole frame in the window: a frame larger than the window (read it whole)
+                # or a header or length field running past the indexed end (damage).
+                if index.position(relative) != position:
+                    return self.base_offset + max(relative - 1, 0)  # as for a mismatch above
+                if size < HEADER_SIZE:
+                    return self.base_offset + relative
+                frame_size = HEADER_SIZE + int(unpack_header(data, 0)[0])
+                if position + frame_size > self._end:
+                    return self.base_offset + relative
+                window_bytes = frame_size
+                continue
+            position += p
+        if position != self._end:
+            return self.base_offset + entries - 1 if entries else self.base_offset
+        return None
 
     def flush(self) -> None:
         self.store.flush()
@@ -225,17 +307,27 @@ class Segment:
 
     # -- recovery ---------------------------------------------------------------------------
 
-    def _recover(self, trim_torn_tail: bool) -> None:
+    def _recover(self, trim_torn_tail: bool, sealed_entries: int | None) -> None:
         store_size = self.store.size
         index = self.index
         trusted = index.valid_prefix(store_size)
+        if sealed_entries is not None and trusted >= sealed_entries > 0:
+            # A sealed segment whose index accounts for every record it must hold (the next
+            # segment's base says how many): trust the index and read nothing. Its store was
+            # fsynced at the roll, so there is no torn tail to find; damage since (a zeroed
+            # block, bit rot) fails the CRC or the length check when read, and `verify` finds
+            # it. Scanning here instead would take zeroed bytes for empty records.
+            index.set_entries(sealed_entries)
+            self._end = store_size
+            return
         # Re-verify the last trusted record: its frame may be torn even though its entry exists.
         keep = max(trusted - 1, 0)
         start = index.position(keep) if trusted else 0
         # Zero fill (power loss after the file grew) can only hit the unsynced active segment;
         # segments the log rolled past were fsynced, so trailing zeros there are empty records.
         indexed = (1 if trusted else 0) if trim_torn_tail else store_size
-        positions, end, torn = self._scan(keep, start, store_size, indexed)
+        limit = index.capacity if sealed_entries is None else max(sealed_entries, 1)
+        positions, end, torn = self._scan(keep, start, store_size, indexed, limit)
         entries = [ENTRY.pack(keep + i, p) for i, p in enumerate(positions)]
         if entries:
             index.write_many(keep, b"".join(entries))
@@ -261,7 +353,7 @@ class Segment:
             index.sync()
 
     def _scan(
-        self, first: int, start: int, store_size: int, indexed: int
+        self, first: int, start: int, store_size: int, indexed: int, limit: int
     ) -> tuple[list[int], int, bool]:
         """Walk frames from `start` (entry `first`); return (positions, end of good frames, torn).
 
@@ -284,7 +376,7 @@ class Segment:
                 break
             length, crc = HEADER.unpack_from(data, p)
             end = p + HEADER_SIZE + length
-            if end > size:
+            if end > size or not (length or self.allow_empty):
                 torn = True
                 break
             if zlib.crc32(memoryview(data)[p + HEADER_SIZE : end]) != crc:
@@ -295,7 +387,7 @@ class Segment:
                     "corrupt record kept for reads to report path=%s position=%d",
                     self.store.path, start + p,
                 )
-            if first + len(positions) >= self.index.capacity:
+            if first + len(positions) >= limit:
                 torn = True
                 break
             positions.append(start + p)

@@ -134,6 +134,12 @@ class Store:
             os.ftruncate(self._fd, size)
             self._file_size = size
 
+    def stamp(self) -> tuple[int, int, int, int]:
+        """(inode, size, mtime_ns, ctime_ns) of the file: changes whenever anything writes to
+        it or replaces it, so an unchanged stamp means "not written since it was taken"."""
+        st = os.fstat(self._fd)
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
     def dup_fd(self) -> int:
         """A private fd for streaming readers: stays valid even if the segment is removed."""
         self.flush()
