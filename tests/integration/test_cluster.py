@@ -231,6 +231,13 @@ async def test_a_removed_node_stops_receiving_records(pki: PkiFiles, tmp_path: P
             assert await removed.next_offset() == after
             await asyncio.sleep(0.1)
         assert removed.running
+        # It stops advertising itself as healthy, so load balancers route around it.
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def unhealthy() -> bool:
+            return await removed.health() == not_serving
+
+        await eventually(unhealthy, timeout=SETTLE, what="removed node reports NOT_SERVING")
         # Nor does it disturb the others: the leader still commits without it.
         last = await leader.produce(b"still-serving")
         await wait_for_log(kept, {last: b"still-serving"})

@@ -371,6 +371,18 @@ class LogFsm:
         self.log.close()
 
 
+#: Coalesced appends are cut into Raft entries of about this many payload bytes.
+_COALESCE_BYTES = 1 << 20
+
+
+def _fail_all(
+    chunk: Sequence[tuple[Sequence[bytes], asyncio.Future[int]]], exc: BaseException
+) -> None:
+    for _, fut in chunk:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
 class ReplicatedBackend:
     """dcl.server.backend.Backend over Raft: appends go through consensus, reads are local."""
 
@@ -381,6 +393,8 @@ class ReplicatedBackend:
         self._applied = asyncio.Event()
         driver.on_applied = self._notify
         self._closed = False
+        self._pending: list[tuple[Sequence[bytes], asyncio.Future[int]]] = []
+        self._settling: set[asyncio.Future[None]] = set()
 
     def _notify(self) -> None:
         self._applied.set()
@@ -391,21 +405,75 @@ class ReplicatedBackend:
         return NotLeader(leader, self.fsm.addresses.get(leader) if leader else None)
 
     def append(self, values: Sequence[bytes]) -> Awaitable[int]:
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        """Append `values` as consecutive offsets; resolves to the first once applied here.
+
+        Appends made in the same event-loop turn (many Produce calls in flight, a
+        ProduceStream's pipelined requests) are coalesced into one Raft entry per
+        `_COALESCE_BYTES`: Raft, the disk and the followers then pay per entry rather than
+        per record. Each caller still gets its own contiguous offsets, in call order; if
+        the entry fails, every caller in it gets the same error (none of it was written,
+        or, on CommitTimeout, all of it may have been).
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
         if self._closed:
             fut.set_exception(Unavailable("node is shutting down"))
             return fut
         if self.driver.core.role is not Role.LEADER:
             fut.set_exception(self._not_leader())
             return fut
-        return asyncio.ensure_future(self._append(values))
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((values, fut))
+        return fut
 
-    async def _append(self, values: Sequence[bytes]) -> int:
+    def _flush(self) -> None:
+        """Propose the coalesced appends, in order, as entries of bounded size."""
+        pending, self._pending = self._pending, []
+        chunk: list[tuple[Sequence[bytes], asyncio.Future[int]]] = []
+        size = 0
+        for item in pending:
+            if chunk and size + sum(map(len, item[0])) > _COALESCE_BYTES:
+                self._propose_chunk(chunk)
+                chunk, size = [], 0
+            chunk.append(item)
+            size += sum(map(len, item[0]))
+        if chunk:
+            self._propose_chunk(chunk)
+
+    def _propose_chunk(self, chunk: list[tuple[Sequence[bytes], asyncio.Future[int]]]) -> None:
+        values = chunk[0][0] if len(chunk) == 1 else [v for vs, _ in chunk for v in vs]
         try:
-            result = await self.driver.propose(encode_records_cmd(values))
+            if self._closed:
+                raise Unavailable("node is shutting down")
+            result = self.driver.propose_nowait(encode_records_cmd(values))
         except NotLeader:
-            raise self._not_leader() from None
-        return int(result)
+            _fail_all(chunk, self._not_leader())
+            return
+        except Exception as exc:
+            _fail_all(chunk, exc)
+            return
+        task = asyncio.ensure_future(self._settle(result, chunk))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(
+        self, result: Awaitable[Any], chunk: list[tuple[Sequence[bytes], asyncio.Future[int]]]
+    ) -> None:
+        try:
+            first = int(await result)
+        except NotLeader:
+            _fail_all(chunk, self._not_leader())
+            return
+        except BaseException as exc:
+            _fail_all(chunk, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for values, fut in chunk:
+            if not fut.done():
+                fut.set_result(first)
+            first += len(values)
 
     def _check_readable(self, offset: int) -> None:
         if offset < self.fsm.log.lowest_offset or offset >= self.fsm.log.next_offset:
@@ -441,7 +509,10 @@ class ReplicatedBackend:
 
     @property
     def has_leader(self) -> bool:
-        return self.driver.core.leader_id is not None
+        """Healthy: a member of the configuration that knows a leader. A node removed from
+        the cluster keeps running (and serving what it has) but must not look healthy."""
+        core = self.driver.core
+        return core.leader_id is not None and (core.id in core.voters or core.id in core.learners)
 
     def close(self) -> None:
         self._closed = True
