@@ -105,6 +105,9 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self._undo: list[Callable[[], Awaitable[None]]] = []
+        #: Set when the node can no longer work (its Raft driver stopped on an error).
+        self.failed = asyncio.Event()
+        self.failure: BaseException | None = None
         self.driver: RaftDriver
         self.backend: ReplicatedBackend
         self.server: DclServer
@@ -201,6 +204,7 @@ class Agent:
         )
         self.backend = ReplicatedBackend(self.driver, self.fsm, cfg.rpc_addr)
         self.driver.on_role_change = self._on_role_change
+        self.driver.on_failed = self._on_driver_failed
         self.driver.start()
         self._undo.append(self._stop_driver)
         checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_loop())
@@ -371,6 +375,12 @@ class Agent:
     def _learn_address(self, node_id: str, addr: str) -> None:
         # A peer's self-reported address fills gaps only; the replicated book is authoritative.
         self.fsm.addresses.setdefault(node_id, addr)
+
+    def _on_driver_failed(self, exc: BaseException) -> None:
+        """Raft stopped (a disk error): this node cannot take part any more. Say so, so the
+        process exits and a supervisor restarts it, rather than lingering as a zombie."""
+        self.failure = exc
+        self.failed.set()
 
     def _on_role_change(self, role: Role) -> None:
         if role is Role.LEADER and self._reconciler is not None:

@@ -141,8 +141,13 @@ async def run_agent(config: AgentConfig) -> None:
     await agent.start()
     typer.echo(f"node {config.node_name} serving on {config.rpc_addr} "
                f"(gossip {config.bind_addr})", err=True)
-    await stop.wait()
+    stopped, failed = (asyncio.ensure_future(e.wait()) for e in (stop, agent.failed))
+    await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    failed.cancel()
     await agent.shutdown()
+    if agent.failure is not None:
+        raise _fail(f"node {config.node_name} stopped: {agent.failure}")
 
 
 def agent(

@@ -20,7 +20,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from dcl.errors import CommitTimeout, NotLeader, Unavailable
+from dcl.errors import CommitTimeout, CorruptRecord, NotLeader, Unavailable
 from dcl.raft.core import RaftNode
 from dcl.raft.storage import RaftStorage
 from dcl.raft.types import ConfChange, Config, Entry, Message, Ready, Role, Snapshot, Status
@@ -97,6 +97,9 @@ class RaftDriver:
         self._failed: BaseException | None = None
         self.on_applied: Callable[[], None] = lambda: None
         self.on_role_change: Callable[[Role], None] = lambda role: None
+        #: Called once if the loop stops on an error (the node can no longer take part).
+        self.on_failed: Callable[[BaseException], None] = lambda exc: None
+        self._snapshot_after = 0
         self._last_role = self.core.role
 
     # ------------------------------------------------------------------ lifecycle
@@ -210,6 +213,7 @@ class RaftDriver:
             log.exception("raft driver failed node=%s", self.node_id)
             self._failed = exc
             self._fail_waiters(Unavailable(f"raft driver failed: {exc}"))
+            self.on_failed(exc)
 
     async def _handle(self, rd: Ready) -> None:
         loop = asyncio.get_running_loop()
@@ -261,10 +265,20 @@ class RaftDriver:
         applied = self.core.applied_index
         if applied - self.core.first_index + 1 < self._snapshot_every:
             return
+        if applied < self._snapshot_after:
+            return
         loop = asyncio.get_running_loop()
         # The FSM must be durable up to `applied` before the raft log behind it is dropped.
         await loop.run_in_executor(None, self._fsm.checkpoint)
-        data = self._fsm.snapshot_data()
+        try:
+            data = self._fsm.snapshot_data()
+        except CorruptRecord:
+            # Damaged state cannot be snapshotted (reads of it answer DATA_LOSS). Keep the
+            # Raft log, which still holds those entries, and keep serving; try again after
+            # another threshold's worth of entries rather than on every apply.
+            log.exception("snapshot skipped node=%s index=%d", self.node_id, applied)
+            self._snapshot_after = applied + self._snapshot_every
+            return
         self.core.compact(applied, data)
         snap = self.core.snapshot
         if snap is not None:
