@@ -69,7 +69,7 @@ async def wait_applied(stub: batch_grpc.BatchStub, next_offset: int) -> None:
     """Wait (up to 30 s) until the node behind stub has applied everything below next_offset."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        r = await stub.ConsumeBatch(batch_pb2.ConsumeBatchRequest(offset=max(next_offset - 1, 0)))
+        r = await stub.ConsumeBatch(batch_pb2.ConsumeBatchRequest(offset=0, max_records=1))
         if r.next_offset >= next_offset:
             return
         await asyncio.sleep(0.05)
