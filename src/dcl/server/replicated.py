@@ -394,7 +394,6 @@ class ReplicatedBackend:
         driver.on_applied = self._notify
         self._closed = False
         self._pending: list[tuple[Sequence[bytes], asyncio.Future[int]]] = []
-        self._settling: set[asyncio.Future[None]] = set()
 
     def _notify(self) -> None:
         self._applied.set()
@@ -443,37 +442,24 @@ class ReplicatedBackend:
 
     def _propose_chunk(self, chunk: list[tuple[Sequence[bytes], asyncio.Future[int]]]) -> None:
         values = chunk[0][0] if len(chunk) == 1 else [v for vs, _ in chunk for v in vs]
+
+        def settle(exc: BaseException | None, result: Any) -> None:
+            # Runs inside the driver's apply: callers wake in the next loop turn.
+            if exc is not None:
+                _fail_all(chunk, self._not_leader() if isinstance(exc, NotLeader) else exc)
+                return
+            first = int(result)
+            for vs, fut in chunk:
+                if not fut.done():
+                    fut.set_result(first)
+                first += len(vs)
+
         try:
             if self._closed:
                 raise Unavailable("node is shutting down")
-            result = self.driver.propose_nowait(encode_records_cmd(values))
-        except NotLeader:
-            _fail_all(chunk, self._not_leader())
-            return
+            self.driver.propose_hook(encode_records_cmd(values), settle)
         except Exception as exc:
-            _fail_all(chunk, exc)
-            return
-        task = asyncio.ensure_future(self._settle(result, chunk))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-
-    async def _settle(
-        self, result: Awaitable[Any], chunk: list[tuple[Sequence[bytes], asyncio.Future[int]]]
-    ) -> None:
-        try:
-            first = int(await result)
-        except NotLeader:
-            _fail_all(chunk, self._not_leader())
-            return
-        except BaseException as exc:
-            _fail_all(chunk, exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        for values, fut in chunk:
-            if not fut.done():
-                fut.set_result(first)
-            first += len(values)
+            settle(exc, None)
 
     def _check_readable(self, offset: int) -> None:
         if offset < self.fsm.log.lowest_offset or offset >= self.fsm.log.next_offset:
