@@ -1,0 +1,104 @@
+"""The asyncio driver on real files: how proposals settle (results, timeouts, shutdown).
+
+A single bootstrapped voter commits on its own fsync, so no network is involved; the
+transport only has to accept (and here, drop) messages, of which a lone node sends none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dcl.errors import CommitTimeout, NotLeader, Unavailable
+from dcl.raft.driver import RaftDriver
+from dcl.raft.storage import RaftStorage
+from dcl.raft.types import Config, Message, Role
+from dcl.server.replicated import LogFsm, encode_records_cmd
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class NoPeers:
+    def send(self, messages: Sequence[Message]) -> None:
+        assert not messages, "a lone voter has nobody to talk to"
+
+
+async def leader(tmp_path: Path, **kwargs: Any) -> AsyncIterator[RaftDriver]:
+    fsm = LogFsm(tmp_path / "fsm")
+    storage = RaftStorage(tmp_path / "raft")
+    driver = RaftDriver("solo", storage, fsm, NoPeers(), config=Config(election_tick=2),
+                        bootstrap=True, tick_seconds=0.01, **kwargs)
+    driver.start()
+    try:
+        for _ in range(500):
+            if driver.core.role is Role.LEADER:
+                break
+            await asyncio.sleep(0.01)
+        yield driver
+    finally:
+        await driver.stop()
+        storage.close()
+        fsm.close()
+
+
+@pytest.fixture
+async def solo(tmp_path: Path) -> AsyncIterator[RaftDriver]:
+    async for driver in leader(tmp_path):
+        yield driver
+
+
+async def until_applied(driver: RaftDriver) -> None:
+    for _ in range(500):  # the no-op of the new term commits first
+        if driver.core.applied_index >= driver.core.last_index:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_hooks_settle_once_in_proposal_order_with_the_fsm_results(
+    solo: RaftDriver,
+) -> None:
+    await until_applied(solo)
+    calls: list[tuple[str, BaseException | None, Any]] = []
+    for name, values in (("a", [b"1", b"2"]), ("b", [b"3"]), ("c", [b"4", b"5", b"6"])):
+        solo.propose_hook(encode_records_cmd(values),
+                          lambda exc, result, name=name: calls.append((name, exc, result)))
+    assert calls == []  # nothing settles before the entries are durable and applied
+    first = await solo.propose(encode_records_cmd([b"7"]))  # after a, b, c in the log
+    assert calls == [("a", None, 0), ("b", None, 2), ("c", None, 3)]
+    assert first == 6
+
+
+async def test_a_hook_whose_entry_is_not_applied_in_time_gets_commit_timeout_once(
+    tmp_path: Path,
+) -> None:
+    calls: list[BaseException | None] = []
+    async for driver in leader(tmp_path, commit_timeout=0.0):
+        driver.propose_hook(encode_records_cmd([b"late"]), lambda exc, _: calls.append(exc))
+        await asyncio.sleep(0.2)  # the timer fires, then the entry applies anyway
+        assert len(calls) == 1 and isinstance(calls[0], CommitTimeout)
+        assert driver.core.applied_index == driver.core.last_index
+
+
+async def test_pending_hooks_fail_unavailable_when_the_driver_stops(tmp_path: Path) -> None:
+    calls: list[BaseException | None] = []
+    async for driver in leader(tmp_path):
+        driver.propose_hook(encode_records_cmd([b"x"]), lambda exc, _: calls.append(exc))
+        await driver.stop()  # before the loop gets to persist it
+    assert len(calls) == 1 and isinstance(calls[0], Unavailable)
+
+
+async def test_a_follower_refuses_hooks_without_proposing(tmp_path: Path) -> None:
+    fsm = LogFsm(tmp_path / "fsm")
+    storage = RaftStorage(tmp_path / "raft")
+    driver = RaftDriver("f", storage, fsm, NoPeers(), config=Config())  # not bootstrapped
+    try:
+        with pytest.raises(NotLeader):
+            driver.propose_hook(encode_records_cmd([b"x"]), lambda exc, _: None)
+        assert driver.core.last_index == 0
+    finally:
+        storage.close()
+        fsm.close()
