@@ -11,6 +11,7 @@ Shared by dcl.server, dcl.client and dcl.agent, so it depends on neither of them
 from __future__ import annotations
 
 import ssl
+import weakref
 from collections.abc import Mapping
 from os import PathLike
 from typing import Any, Protocol
@@ -35,7 +36,8 @@ _H2_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_COMPRESSION
+    # No renegotiation (HTTP/2 forbids it anyway): a connection's peer identity is fixed.
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.set_ciphers(_H2_CIPHERS)
     context.set_alpn_protocols(["h2"])
     return context
@@ -85,6 +87,20 @@ class _HasStreamPeer(Protocol):
     def peer(self) -> _HasPeer: ...
 
 
+#: CN per TLS connection: ``getpeercert()`` builds a dict from the certificate on every call,
+#: and a connection's verified peer certificate never changes (renegotiation is off).
+_CN_BY_CONNECTION: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+
+
 def peer_common_name(stream: _HasStreamPeer) -> str:
     """The verified client CN of a grpclib server stream (or RecvRequest event)."""
-    return common_name(stream.peer.cert())
+    peer = stream.peer
+    # grpclib's Peer keeps its transport private; without it, fall back to the uncached path.
+    transport = getattr(peer, "_transport", None)
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return common_name(peer.cert())
+    cn = _CN_BY_CONNECTION.get(ssl_object)
+    if cn is None:
+        cn = _CN_BY_CONNECTION[ssl_object] = common_name(ssl_object.getpeercert())
+    return cn
