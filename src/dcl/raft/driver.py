@@ -216,21 +216,22 @@ class RaftDriver:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_tick = loop.time() + self._tick
+        # One timer per tick wakes the loop; a busy loop (woken by messages and proposals)
+        # then pays nothing per turn for the clock.
+        ticker = loop.call_at(next_tick, self._wake.set)
         try:
             while not self._stopping:
-                delay = next_tick - loop.time()
-                if delay > 0 and not self._wake.is_set():
-                    try:
-                        async with asyncio.timeout(delay):
-                            await self._wake.wait()
-                    except TimeoutError:
-                        pass
+                if not self._wake.is_set():
+                    await self._wake.wait()
                 self._wake.clear()
                 now = loop.time()
                 if now >= next_tick:
                     self.core.tick()
-                    # After a long stall tick once, not a burst: a burst would fire elections.
-                    next_tick = max(next_tick + self._tick, now)
+                    next_tick += self._tick
+                    if next_tick <= now:  # after a long stall tick once, not in a burst
+                        next_tick = now + self._tick
+                    ticker.cancel()
+                    ticker = loop.call_at(next_tick, self._wake.set)
                 while self.core.has_ready() and not self._stopping:
                     await self._handle(self.core.ready())
                 role = self.core.role
@@ -242,6 +243,8 @@ class RaftDriver:
             self._failed = exc
             self._fail_waiters(Unavailable(f"raft driver failed: {exc}"))
             self.on_failed(exc)
+        finally:
+            ticker.cancel()
 
     async def _handle(self, rd: Ready) -> None:
         loop = asyncio.get_running_loop()
