@@ -4,9 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SEEDS ?= 1000
+DURATION ?= 300
+SEED ?= 1
+NODES ?= 3
 PROTOS := src/dcl/api/log/v1/log.proto $(wildcard src/dcl/api/dcl/v1/*.proto)
 
-.PHONY: run test lint proto sim bench clean
+.PHONY: run test lint proto sim chaos bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +31,10 @@ proto: $(STAMP)
 
 sim: $(STAMP)
 	$(PY) -m tests.sim --seeds $(SEEDS)
+
+# Jepsen-style run against a real cluster: make chaos DURATION=1800 SEED=3 [NODES=5]
+chaos: $(STAMP)
+	$(PY) -m tests.chaos --duration $(DURATION) --seed $(SEED) --nodes $(NODES)
 
 bench: $(STAMP)
 	$(PY) bench/storage.py
