@@ -447,6 +447,27 @@ class RaftNode:
             self._election_elapsed = 0
             self._campaign(pre_vote=self._cfg.pre_vote, transfer=False)
 
+    def take_heartbeats(self) -> list[Heartbeat]:
+        """A leader's pending heartbeats of its current term, removed from the next Ready.
+
+        For a driver stuck persisting a Ready (a slow fsync): heartbeats acknowledge nothing
+        and depend on nothing unpersisted (term and vote are durable before a leader sends
+        anything), so they may go out early; without them, a disk stall longer than the
+        election timeout makes the followers elect another leader. Other messages stay.
+        """
+        if self._role is not Role.LEADER or not self._msgs:
+            return []
+        term = self._term
+        beats: list[Heartbeat] = []
+        rest: list[Message] = []
+        for m in self._msgs:
+            if isinstance(m, Heartbeat) and m.term == term:
+                beats.append(m)
+            else:
+                rest.append(m)
+        self._msgs = rest
+        return beats
+
     def propose(self, data: bytes) -> tuple[int, int]:
         """Append a NORMAL entry; returns (term, index). The entry is committed iff an entry
         with this index and term is later handed out in `committed_entries`."""

@@ -103,6 +103,8 @@ class RaftDriver:
         #: Called once if the loop stops on an error (the node can no longer take part).
         self.on_failed: Callable[[BaseException], None] = lambda exc: None
         self._snapshot_after = 0
+        self._next_tick = 0.0
+        self._ticker: asyncio.TimerHandle | None = None
         self._last_role = self.core.role
 
     # ------------------------------------------------------------------ lifecycle
@@ -215,23 +217,16 @@ class RaftDriver:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        next_tick = loop.time() + self._tick
+        self._next_tick = loop.time() + self._tick
         # One timer per tick wakes the loop; a busy loop (woken by messages and proposals)
         # then pays nothing per turn for the clock.
-        ticker = loop.call_at(next_tick, self._wake.set)
+        self._ticker = loop.call_at(self._next_tick, self._wake.set)
         try:
             while not self._stopping:
                 if not self._wake.is_set():
                     await self._wake.wait()
                 self._wake.clear()
-                now = loop.time()
-                if now >= next_tick:
-                    self.core.tick()
-                    next_tick += self._tick
-                    if next_tick <= now:  # after a long stall tick once, not in a burst
-                        next_tick = now + self._tick
-                    ticker.cancel()
-                    ticker = loop.call_at(next_tick, self._wake.set)
+                self._tick_if_due(loop)
                 while self.core.has_ready() and not self._stopping:
                     await self._handle(self.core.ready())
                 role = self.core.role
@@ -244,7 +239,36 @@ class RaftDriver:
             self._fail_waiters(Unavailable(f"raft driver failed: {exc}"))
             self.on_failed(exc)
         finally:
-            ticker.cancel()
+            if self._ticker is not None:
+                self._ticker.cancel()
+
+    def _tick_if_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        if now < self._next_tick:
+            return
+        self.core.tick()
+        self._next_tick += self._tick
+        if self._next_tick <= now:  # after a long stall tick once, not in a burst
+            self._next_tick = now + self._tick
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._ticker = loop.call_at(self._next_tick, self._wake.set)
+
+    async def _persisting(self, work: asyncio.Future[None]) -> None:
+        """Await a disk write in the executor without a leader going silent.
+
+        While it runs, a leader keeps its clock and sends its heartbeats (see
+        `RaftNode.take_heartbeats`); everything else waits for the Ready to complete.
+        """
+        loop = asyncio.get_running_loop()
+        while not work.done():
+            await asyncio.wait((work,), timeout=max(self._next_tick - loop.time(), 0.001))
+            if not work.done() and self.core.role is Role.LEADER:
+                self._tick_if_due(loop)
+                beats = self.core.take_heartbeats()
+                if beats:
+                    self._transport.send(beats)
+        work.result()
 
     async def _handle(self, rd: Ready) -> None:
         loop = asyncio.get_running_loop()
@@ -254,13 +278,14 @@ class RaftDriver:
         if send_early and rd.messages:
             self._transport.send(rd.messages)
         if rd.snapshot is not None:
-            await loop.run_in_executor(None, self._storage.save_snapshot, rd.snapshot)
+            await self._persisting(
+                loop.run_in_executor(None, self._storage.save_snapshot, rd.snapshot))
         if rd.entries:
             self._storage.append(rd.entries)
         if rd.hard_state is not None:
             self._storage.set_hard_state(rd.hard_state)
         if rd.entries:
-            await loop.run_in_executor(None, self._storage.sync)
+            await self._persisting(loop.run_in_executor(None, self._storage.sync))
         if not rd.send_before_persist and rd.messages:
             self._transport.send(rd.messages)
         if rd.snapshot is not None:

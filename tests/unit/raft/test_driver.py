@@ -7,6 +7,7 @@ transport only has to accept (and here, drop) messages, of which a lone node sen
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from dcl.errors import CommitTimeout, NotLeader, Unavailable
 from dcl.raft.driver import RaftDriver
 from dcl.raft.storage import RaftStorage
-from dcl.raft.types import Config, Message, Role
+from dcl.raft.types import ConfChange, ConfChangeType, Config, Heartbeat, Message, Role
 from dcl.server.replicated import LogFsm, encode_records_cmd
 
 pytestmark = pytest.mark.timeout(30)
@@ -100,5 +101,53 @@ async def test_a_follower_refuses_hooks_without_proposing(tmp_path: Path) -> Non
             driver.propose_hook(encode_records_cmd([b"x"]), lambda exc, _: None)
         assert driver.core.last_index == 0
     finally:
+        storage.close()
+        fsm.close()
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, Message]] = []
+
+    def send(self, messages: Sequence[Message]) -> None:
+        now = time.monotonic()
+        self.sent += [(now, m) for m in messages]
+
+
+async def test_a_leader_keeps_heartbeating_through_a_slow_fsync(tmp_path: Path) -> None:
+    """Injected fault: every fsync takes 0.6 s (more than the election timeout here, 0.2 s).
+    Followers that hear nothing for that long elect someone else; the leader must keep
+    sending heartbeats while its own write is stuck."""
+    fsm = LogFsm(tmp_path / "fsm")
+    storage = RaftStorage(tmp_path / "raft")
+    transport = Recording()
+    driver = RaftDriver("a", storage, fsm, transport, config=Config(election_tick=20),
+                        bootstrap=True, tick_seconds=0.01)
+    driver.start()
+    try:
+        for _ in range(500):
+            if driver.core.role is Role.LEADER:
+                break
+            await asyncio.sleep(0.01)
+        await until_applied(driver)
+        await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, "b"))
+        stalls: list[tuple[float, float]] = []
+        real_sync = storage.sync
+
+        def slow_sync() -> None:
+            start = time.monotonic()
+            time.sleep(0.6)
+            real_sync()
+            stalls.append((start, time.monotonic()))
+
+        storage.sync = slow_sync  # type: ignore[method-assign]
+        await driver.propose(encode_records_cmd([b"slow"]))
+        assert stalls, "the proposal did not go through the slow fsync"
+        start, end = stalls[0]
+        beats = [t for t, m in transport.sent
+                 if isinstance(m, Heartbeat) and m.dst == "b" and start < t < end]
+        assert len(beats) >= 20, f"{len(beats)} heartbeats during a 0.6 s stall"
+    finally:
+        await driver.stop()
         storage.close()
         fsm.close()

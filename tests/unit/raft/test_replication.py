@@ -342,3 +342,21 @@ def test_commit_announcement_to_caught_up_follower_needs_no_response() -> None:
     assert all(c.nodes[i].commit_index == index for i in "bc")
     acks = [m for m in c.sent if isinstance(m, AppendResponse) and m.index == index]
     assert len(acks) == 2  # one per follower for the entry itself, none for the notice
+
+
+def test_take_heartbeats_hands_out_only_a_leaders_current_term_heartbeats() -> None:
+    c = Cluster(["a", "b", "c"])
+    a = c.elect("a")
+    c.stabilize()
+    a.propose(b"pending")  # an append waiting in the same queue
+    for _ in range(a._cfg.heartbeat_tick):
+        a.tick()
+    beats = a.take_heartbeats()
+    assert sorted(m.dst for m in beats) == ["b", "c"]
+    assert all(isinstance(m, Heartbeat) and m.term == a.term for m in beats)
+    assert a.take_heartbeats() == []  # handed out once
+    rest = a.ready().messages
+    assert not any(isinstance(m, Heartbeat) for m in rest)
+    assert sorted(m.dst for m in appends(rest)) == ["b", "c"]  # the appends stayed
+    c.nodes["b"].tick()
+    assert c.nodes["b"].take_heartbeats() == []  # followers never send heartbeats early
