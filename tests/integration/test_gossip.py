@@ -61,8 +61,12 @@ class Cluster:
         async def on_event(e: MemberEvent) -> None:  # an async handler, as the agent will use
             events.append(e)
 
+        # Anti-entropy every ~2 s (production: 15 s): on a loaded CI machine UDP gossip can
+        # drop an update for good, and only a push-pull heals that; the 10 s convergence
+        # polls below must cover at least one round.
         cfg = GossipConfig(node_name=name, bind_addr=("127.0.0.1", port), key=key,
-                           insecure=insecure, tags=tags or {"rpc_addr": f"127.0.0.1:{name}"})
+                           insecure=insecure, tags=tags or {"rpc_addr": f"127.0.0.1:{name}"},
+                           push_pull_interval=2.0)
         g = Membership(cfg, on_event)
         await g.start()
         node = Node(g, events)
