@@ -7,6 +7,7 @@ transport only has to accept (and here, drop) messages, of which a lone node sen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from dcl.errors import CommitTimeout, NotLeader, Unavailable
-from dcl.raft.driver import RaftDriver
+from dcl.raft.driver import RaftDriver, Transport
 from dcl.raft.storage import RaftStorage
 from dcl.raft.types import ConfChange, ConfChangeType, Config, Heartbeat, Message, Role
 from dcl.server.replicated import LogFsm, encode_records_cmd
@@ -28,11 +29,15 @@ class NoPeers:
         assert not messages, "a lone voter has nobody to talk to"
 
 
-async def leader(tmp_path: Path, **kwargs: Any) -> AsyncIterator[RaftDriver]:
+@contextlib.asynccontextmanager
+async def leader(
+    tmp_path: Path, transport: Transport | None = None, election_tick: int = 2, **kwargs: Any
+) -> AsyncIterator[RaftDriver]:
     fsm = LogFsm(tmp_path / "fsm")
     storage = RaftStorage(tmp_path / "raft")
-    driver = RaftDriver("solo", storage, fsm, NoPeers(), config=Config(election_tick=2),
-                        bootstrap=True, tick_seconds=0.01, **kwargs)
+    driver = RaftDriver("solo", storage, fsm, transport or NoPeers(),
+                        config=Config(election_tick=election_tick), bootstrap=True,
+                        tick_seconds=0.01, **kwargs)
     driver.start()
     try:
         for _ in range(500):
@@ -48,7 +53,7 @@ async def leader(tmp_path: Path, **kwargs: Any) -> AsyncIterator[RaftDriver]:
 
 @pytest.fixture
 async def solo(tmp_path: Path) -> AsyncIterator[RaftDriver]:
-    async for driver in leader(tmp_path):
+    async with leader(tmp_path) as driver:
         yield driver
 
 
@@ -77,7 +82,7 @@ async def test_a_hook_whose_entry_is_not_applied_in_time_gets_commit_timeout_onc
     tmp_path: Path,
 ) -> None:
     calls: list[BaseException | None] = []
-    async for driver in leader(tmp_path, commit_timeout=0.0):
+    async with leader(tmp_path, commit_timeout=0.0) as driver:
         driver.propose_hook(encode_records_cmd([b"late"]), lambda exc, _: calls.append(exc))
         await asyncio.sleep(0.2)  # the timer fires, then the entry applies anyway
         assert len(calls) == 1 and isinstance(calls[0], CommitTimeout)
@@ -86,7 +91,7 @@ async def test_a_hook_whose_entry_is_not_applied_in_time_gets_commit_timeout_onc
 
 async def test_pending_hooks_fail_unavailable_when_the_driver_stops(tmp_path: Path) -> None:
     calls: list[BaseException | None] = []
-    async for driver in leader(tmp_path):
+    async with leader(tmp_path) as driver:
         driver.propose_hook(encode_records_cmd([b"x"]), lambda exc, _: calls.append(exc))
         await driver.stop()  # before the loop gets to persist it
     assert len(calls) == 1 and isinstance(calls[0], Unavailable)
@@ -118,17 +123,9 @@ async def test_a_leader_keeps_heartbeating_through_a_slow_fsync(tmp_path: Path) 
     """Injected fault: every fsync takes 0.6 s (more than the election timeout here, 0.2 s).
     Followers that hear nothing for that long elect someone else; the leader must keep
     sending heartbeats while its own write is stuck."""
-    fsm = LogFsm(tmp_path / "fsm")
-    storage = RaftStorage(tmp_path / "raft")
     transport = Recording()
-    driver = RaftDriver("a", storage, fsm, transport, config=Config(election_tick=20),
-                        bootstrap=True, tick_seconds=0.01)
-    driver.start()
-    try:
-        for _ in range(500):
-            if driver.core.role is Role.LEADER:
-                break
-            await asyncio.sleep(0.01)
+    async with leader(tmp_path, transport, election_tick=20) as driver:
+        storage = driver._storage
         await until_applied(driver)
         await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, "b"))
         stalls: list[tuple[float, float]] = []
@@ -147,7 +144,3 @@ async def test_a_leader_keeps_heartbeating_through_a_slow_fsync(tmp_path: Path) 
         beats = [t for t, m in transport.sent
                  if isinstance(m, Heartbeat) and m.dst == "b" and start < t < end]
         assert len(beats) >= 20, f"{len(beats)} heartbeats during a 0.6 s stall"
-    finally:
-        await driver.stop()
-        storage.close()
-        fsm.close()
