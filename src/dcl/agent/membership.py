@@ -6,11 +6,12 @@ a pure function). So duplicate events are no-ops by construction, events missed 
 node was not leader are caught up on the first round after it becomes leader, and a round
 that failed half-way (leadership lost, change pending) is simply planned again.
 
-Rules (see `plan`): a member gossip declares DEAD or LEFT is removed from Raft; an ALIVE
-member with an `rpc_addr` tag that Raft does not know is added as a learner (its address
-recorded in the replicated book first, so the leader can reach it), and promoted to voter once
-it holds the log up to the commit index. A Raft member gossip has never heard of is left
-alone (it may have joined through Admin.Join), and a node never removes itself.
+Rules (see `plan`): a member gossip declares DEAD (unless Raft still hears from it) or LEFT
+is removed from Raft; an ALIVE member with an `rpc_addr` tag that Raft does not know is
+added as a learner (its address recorded in the replicated book first, so the leader can
+reach it), and promoted to voter once it holds the log up to the commit index. A Raft
+member gossip has never heard of is left alone (it may have joined through Admin.Join), and
+a node never removes itself.
 
 Changes go through AdminService.join/leave, the same code path as the Admin RPCs, which
 serialise conf changes (one at a time in Raft) and retry while one is pending.
@@ -61,6 +62,8 @@ class RaftView:
     #: Learners whose log reaches the leader's commit index (safe to promote).
     caught_up: frozenset[str]
     addresses: Mapping[str, str]
+    #: Peers the leader heard from within the last election timeout (Raft's own liveness).
+    responsive: frozenset[str] = frozenset()
 
 
 def plan(raft: RaftView, members: Iterable[Member], self_id: str) -> list[Action]:
@@ -80,7 +83,11 @@ def plan(raft: RaftView, members: Iterable[Member], self_id: str) -> list[Action
             continue
         rpc_addr = m.tags.get(RPC_ADDR_TAG, "")
         if m.state in _GONE:
-            if m.name in in_raft:
+            # A DEAD verdict that Raft contradicts (the peer still answers the leader) is a
+            # gossip-only failure, e.g. UDP blocked: removing healthy voters one by one would
+            # quietly shrink the cluster to a single copy of the data. A LEFT is deliberate.
+            contradicted = m.state is MemberState.DEAD and m.name in raft.responsive
+            if m.name in in_raft and not contradicted:
                 removals.append(Action(ActionKind.REMOVE, m.name))
             continue
         if m.state is not MemberState.ALIVE or not rpc_addr:
@@ -130,7 +137,9 @@ class MembershipReconciler:
         caught_up = frozenset(
             n for n in core.learners if (pr := progress.get(n)) is not None and pr.match >= commit
         )
-        return RaftView(core.voters, core.learners, caught_up, dict(self._addresses))
+        responsive = frozenset(n for n, pr in progress.items() if pr.heard_recently)
+        return RaftView(core.voters, core.learners, caught_up, dict(self._addresses),
+                        responsive)
 
     async def run(self) -> None:
         while True:

@@ -147,6 +147,7 @@ class _Progress:
         "is_learner",
         "match",
         "next",
+        "prev_active",
         "probe_sent",
         "read_ack",
         "recent_active",
@@ -162,6 +163,7 @@ class _Progress:
         self.probe_sent = False
         self.inflights: deque[int] = deque()
         self.recent_active = False
+        self.prev_active = False  # recent_active of the previous check-quorum window
         self.snap_index = 0
         self.snap_offset = 0
         self.read_ack = 0
@@ -386,7 +388,8 @@ class RaftNode:
         """Leader's per-peer replication state (empty on non-leaders)."""
         return {
             peer: PeerProgress(
-                pr.match, pr.next, pr.state, pr.is_learner, pr.recent_active, len(pr.inflights)
+                pr.match, pr.next, pr.state, pr.is_learner, pr.recent_active, len(pr.inflights),
+                pr.recent_active or pr.prev_active,
             )
             for peer, pr in self._progress.items()
         }
@@ -791,6 +794,7 @@ class RaftNode:
                 for peer, pr in self._progress.items():
                     if pr.recent_active and peer in self._voters:
                         active += 1
+                    pr.prev_active = pr.recent_active
                     pr.recent_active = False
                 if active < len(self._voters) // 2 + 1:
                     log.info("raft leader lost quorum node=%s term=%d", self.id, self._term)

@@ -407,6 +407,10 @@ class PeerProgress:
     is_learner: bool
     recent_active: bool
     inflight: int
+    #: Heard from in this or the previous election-timeout window (recent_active resets at
+    #: each window, so alone it can read False for a healthy peer just after a reset).
+    #: Windows exist only with check_quorum (the default); without it this stays True.
+    heard_recently: bool = False
 
 
 @dataclass(frozen=True, slots=True)

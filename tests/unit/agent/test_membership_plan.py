@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -114,3 +116,14 @@ def test_plan_is_consistent_with_both_views(
     promoted = {a.node_id for a in actions if a.kind is ActionKind.PROMOTE}
     after = view((voters | promoted) - removed, (learners | added) - promoted - removed)
     assert [a for a in plan(after, members, SELF) if a.kind is not ActionKind.ADD_LEARNER] == []
+
+
+def test_a_failure_verdict_that_raft_contradicts_does_not_remove_a_voter() -> None:
+    """Gossip says DEAD but the leader still hears the peer over Raft (e.g. UDP blocked):
+    keep it, or a gossip fault would shrink the cluster to one copy of the data. A
+    deliberate LEAVE is honoured either way."""
+    raft = dataclasses.replace(view({SELF, "n1", "n2", "n3"}), responsive=frozenset({"n1", "n2"}))
+    members = [member(SELF), member("n1", MemberState.DEAD), member("n2", MemberState.LEFT),
+               member("n3", MemberState.DEAD)]
+    assert plan(raft, members, SELF) == [
+        Action(ActionKind.REMOVE, "n2"), Action(ActionKind.REMOVE, "n3")]

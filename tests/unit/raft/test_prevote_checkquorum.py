@@ -112,3 +112,22 @@ def test_follower_in_lease_ignores_vote_requests_with_higher_term() -> None:
     c.take("b")
     b.step(RequestVote(9, "c", "b", 100, 9))
     assert b.term == 9
+
+
+def test_heard_recently_survives_a_window_reset_and_lapses_two_windows_after_silence() -> None:
+    c = Cluster(["a", "b", "c"])  # election_tick 10: check-quorum windows of 10 ticks
+    a = c.elect("a")
+    for _ in range(10):  # exactly one window boundary passes; b answered before it
+        c.tick()
+        c.stabilize()
+    assert a.progress()["b"].heard_recently
+    c.isolate("b")
+    for _ in range(10):  # the next window: b silent, but heard in the previous one
+        c.tick()
+        c.stabilize()
+    assert a.progress()["b"].heard_recently and not a.progress()["b"].recent_active
+    for _ in range(10):
+        c.tick()
+        c.stabilize()
+    assert not a.progress()["b"].heard_recently
+    assert a.progress()["c"].heard_recently and a.role is Role.LEADER
