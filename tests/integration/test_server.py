@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
@@ -237,3 +238,25 @@ async def test_unary_calls_are_not_delayed_by_nagle(node: Node) -> None:
         await stub.GetServers(log_pb2.GetServersRequest())
         durations.append(time.perf_counter() - start)
     assert sorted(durations)[7] < 0.02, f"median {sorted(durations)[7] * 1e3:.1f} ms"
+
+
+async def test_a_message_declaring_a_gigabyte_is_refused_from_its_header(
+    node_factory: NodeFactory,
+) -> None:
+    """The gRPC header says 1 GiB; only a few KiB follow. The server must refuse from the
+    header (RESOURCE_EXHAUSTED) rather than buffer, or wait for, the declared gigabyte."""
+    async with node_factory() as node:
+        stub = log_grpc.LogStub(node.channel())
+        with pytest.raises(GRPCError) as info:
+            async with stub.Produce.open(timeout=5) as stream:
+                await stream.send_request()
+                header = b"\x00" + (1 << 30).to_bytes(4, "big")
+                await stream._stream.send_data(header + b"x" * 4096)
+                # The server also resets the stream whose body it will not read, so the
+                # status may surface here or when the call closes.
+                with contextlib.suppress(StreamTerminatedError):
+                    await stream.recv_message()
+        assert info.value.status is Status.RESOURCE_EXHAUSTED
+        assert "1073741824" in (info.value.message or "")
+        assert node.backend.next_offset == 0
+        assert (await stub.Produce(produce_request(b"still serving"))).offset == 0

@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
+import grpclib.server
 from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
@@ -73,8 +74,8 @@ MESSAGE_OVERHEAD_BYTES = 64 * 1024
 class MessageLimitCodec(ProtoCodec):
     """ProtoCodec that refuses oversized and malformed messages with a proper status.
 
-    grpclib 0.4 has no max-message-size setting; this is the nearest hook. It runs after
-    grpclib buffered the message, so it bounds what handlers see, not what is buffered.
+    grpclib 0.4 has no max-message-size setting. The limit is enforced twice: from the gRPC
+    header before any body is read (`_bounded_recv_message`), and here on what was read.
     """
 
     def __init__(self, max_message_bytes: int):
@@ -90,6 +91,45 @@ class MessageLimitCodec(ProtoCodec):
             return message_type.FromString(data)
         except DecodeError as exc:
             raise GRPCError(Status.INVALID_ARGUMENT, f"malformed message: {exc}") from None
+
+
+_grpclib_recv_message = grpclib.server.recv_message  # type: ignore[attr-defined]
+
+
+async def _bounded_recv_message(
+    stream: Any, codec: Any, message_type: type[IProtoMessage]
+) -> IProtoMessage | None:
+    """grpclib's server-side message read, refusing an oversized message from its header.
+
+    grpclib reads (and acknowledges, so the peer may keep sending) a message's whole declared
+    length before decoding it, so a caller declaring a gigabyte would make the server buffer a
+    gigabyte. With a MessageLimitCodec the 5-byte gRPC header is checked first and the call
+    fails with RESOURCE_EXHAUSTED before any of the body is read.
+    """
+    limit = getattr(codec, "max_message_bytes", None)
+    if limit is None:
+        return await _grpclib_recv_message(stream, codec, message_type)
+    header = await stream.recv_data(5)
+    if not header:
+        return None
+    if len(header) < 5:
+        raise GRPCError(Status.INVALID_ARGUMENT, "truncated gRPC message header")
+    if header[0]:
+        raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not supported")
+    length = int.from_bytes(header[1:5], "big")
+    if length > limit:
+        raise GRPCError(
+            Status.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the limit of {limit}"
+        )
+    body = await stream.recv_data(length)
+    if len(body) != length:
+        raise GRPCError(Status.INVALID_ARGUMENT, "truncated gRPC message")
+    return codec.decode(body, message_type)  # type: ignore[no-any-return]
+
+
+# Installed for every grpclib server in the process; it only changes behaviour for servers
+# whose codec carries a limit (DclServer's), and grpclib is pinned to a minor range.
+grpclib.server.recv_message = _bounded_recv_message  # type: ignore[attr-defined,assignment]
 
 
 def _action_for(method: str, actions: Mapping[str, ActionRule]) -> ActionRule:
