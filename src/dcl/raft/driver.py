@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from dcl.errors import CommitTimeout, CorruptRecord, NotLeader, Unavailable
@@ -56,6 +56,24 @@ class Transport(Protocol):
     def send(self, messages: Sequence[Message]) -> None: ...
 
 
+#: How a proposal's outcome is delivered: (error, None) or (None, the FSM's result).
+_Settle = Callable[[BaseException | None, Any], None]
+
+
+def _resolver(fut: asyncio.Future[Any]) -> _Settle:
+    """Settle `fut` (unless its awaiter already gave up on it)."""
+
+    def settle(exc: BaseException | None, result: Any) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+    return settle
+
+
 class RaftDriver:
     """Drives one RaftNode. Proposals resolve once their entry is applied locally."""
 
@@ -91,10 +109,8 @@ class RaftDriver:
         self._commit_timeout = commit_timeout
         self._snapshot_every = snapshot_threshold_entries
         self._wake = asyncio.Event()
-        self._waiters: dict[int, tuple[int, asyncio.Future[Any]]] = {}
-        self._hooks: dict[
-            int, tuple[int, Callable[[BaseException | None, Any], None], asyncio.TimerHandle]
-        ] = {}
+        #: index -> (term, settle(error, result), commit-timeout timer), one per proposal.
+        self._waiters: dict[int, tuple[int, _Settle, asyncio.TimerHandle]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._failed: BaseException | None = None
@@ -134,18 +150,11 @@ class RaftDriver:
         NotLeader when this node cannot take it (nothing was proposed, a retry elsewhere is
         safe); CommitTimeout when it was proposed but not seen committed in time (unknown).
         """
-        return await self.propose_nowait(data)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.propose_hook(data, _resolver(fut))
+        return await fut
 
-    def propose_nowait(self, data: bytes) -> Awaitable[Any]:
-        """Propose `data` now, synchronously, and return an awaitable of its result.
-
-        Lets a caller that proposes several entries in one go fix their order in the log
-        without awaiting each one; errors as for `propose` (NotLeader raised here).
-        """
-        self._check_running()
-        return self._wait_applied(*self.core.propose(data))
-
-    def propose_hook(self, data: bytes, done: Callable[[BaseException | None, Any], None]) -> None:
+    def propose_hook(self, data: bytes, done: _Settle) -> None:
         """Propose `data`; `done(error, result)` runs synchronously inside the apply (or the
         failure, or the commit timeout) that settles it.
 
@@ -154,24 +163,13 @@ class RaftDriver:
         Raises like `propose` (NotLeader: nothing was proposed).
         """
         self._check_running()
-        term, index = self.core.propose(data)
-        timer = asyncio.get_running_loop().call_later(
-            self._commit_timeout, self._settle_hook, index,
-            CommitTimeout(f"entry {index} (term {term}) not applied within "
-                          f"{self._commit_timeout}s"), None)
-        self._hooks[index] = (term, done, timer)
-        self._wake.set()
-
-    def _settle_hook(self, index: int, exc: BaseException | None, result: Any) -> None:
-        hook = self._hooks.pop(index, None)
-        if hook is not None:
-            hook[2].cancel()
-            hook[1](exc, result)
+        self._watch(*self.core.propose(data), done)
 
     async def propose_conf_change(self, cc: ConfChange) -> None:
         self._check_running()
-        term, index = self.core.propose_conf_change(cc)
-        await self._wait_applied(term, index)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._watch(*self.core.propose_conf_change(cc), _resolver(fut))
+        await fut
 
     def transfer_leadership(self, to: str) -> None:
         self.core.transfer_leadership(to)
@@ -188,32 +186,23 @@ class RaftDriver:
         if self.core.role is not Role.LEADER:
             raise NotLeader(self.core.leader_id)
 
-    def _wait_applied(self, term: int, index: int) -> Awaitable[Any]:
-        # The waiter is registered before returning, so it cannot miss its entry's apply.
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiters[index] = (term, fut)
+    def _watch(self, term: int, index: int, done: _Settle) -> None:
+        timer = asyncio.get_running_loop().call_later(
+            self._commit_timeout, self._settle, index,
+            CommitTimeout(f"entry {index} (term {term}) not applied within "
+                          f"{self._commit_timeout}s"), None)
+        self._waiters[index] = (term, done, timer)
         self._wake.set()
-        return self._await_applied(term, index, fut)
 
-    async def _await_applied(self, term: int, index: int, fut: asyncio.Future[Any]) -> Any:
-        try:
-            async with asyncio.timeout(self._commit_timeout):
-                return await fut
-        except TimeoutError:
-            raise CommitTimeout(
-                f"entry {index} (term {term}) not applied within {self._commit_timeout}s"
-            ) from None
-        finally:
-            if self._waiters.get(index, (0, None))[1] is fut:
-                del self._waiters[index]
+    def _settle(self, index: int, exc: BaseException | None, result: Any) -> None:
+        waiter = self._waiters.pop(index, None)
+        if waiter is not None:
+            waiter[2].cancel()
+            waiter[1](exc, result)
 
     def _fail_waiters(self, exc: BaseException) -> None:
-        for _, fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self._waiters.clear()
-        for index in list(self._hooks):
-            self._settle_hook(index, exc, None)
+        for index in list(self._waiters):
+            self._settle(index, exc, None)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -306,22 +295,10 @@ class RaftDriver:
                 waiter = self._waiters.get(entry.index)
                 if waiter is None:
                     continue
-                term, fut = waiter
-                if fut.done():
-                    continue
-                if term == entry.term:
-                    fut.set_result(result)
+                if waiter[0] == entry.term:
+                    self._settle(entry.index, None, result)
                 else:  # our entry was overwritten by a later leader: it never committed
-                    fut.set_exception(NotLeader(self.core.leader_id))
-        if self._hooks:
-            for entry, result in zip(entries, results, strict=True):
-                hook = self._hooks.get(entry.index)
-                if hook is None:
-                    continue
-                if hook[0] == entry.term:
-                    self._settle_hook(entry.index, None, result)
-                else:  # overwritten by a later leader: it never committed
-                    self._settle_hook(entry.index, NotLeader(self.core.leader_id), None)
+                    self._settle(entry.index, NotLeader(self.core.leader_id), None)
         self.on_applied()
 
     async def _maybe_snapshot(self) -> None:

@@ -432,11 +432,12 @@ class ReplicatedBackend:
         chunk: list[tuple[Sequence[bytes], asyncio.Future[int]]] = []
         size = 0
         for item in pending:
-            if chunk and size + sum(map(len, item[0])) > _COALESCE_BYTES:
+            item_size = sum(map(len, item[0]))
+            if chunk and size + item_size > _COALESCE_BYTES:
                 self._propose_chunk(chunk)
                 chunk, size = [], 0
             chunk.append(item)
-            size += sum(map(len, item[0]))
+            size += item_size
         if chunk:
             self._propose_chunk(chunk)
 
