@@ -39,6 +39,7 @@ from pathlib import Path
 from dcl.errors import CorruptRecord, InvalidRequest
 from dcl.raft.types import Entry, HardState, Snapshot, SnapshotMeta
 from dcl.storage import Log, LogConfig, LogInUse
+from dcl.storage.files import TMP_SUFFIX, fsync_directory, replace_atomically
 
 logger = logging.getLogger("dcl.raft.storage")
 
@@ -65,7 +66,6 @@ _VERSION = 1
 
 _HS_FILE = "hard_state"
 _SNAP_FILE = "snapshot"
-_TMP_SUFFIX = ".tmp"
 
 # load() reads the log in batches of this size so a huge log does not need one giant list of
 # raw records next to the decoded entries.
@@ -201,9 +201,9 @@ class RaftStorage:
         for d in (self._state_dir, self._snap_dir):
             d.mkdir(exist_ok=True)
             for name in os.listdir(d):
-                if name.endswith(_TMP_SUFFIX):  # an atomic replace interrupted by a crash
+                if name.endswith(TMP_SUFFIX):  # an atomic replace interrupted by a crash
                     os.unlink(d / name)
-        self._sync_dir(self.directory)
+        fsync_directory(self.directory)
 
         self._snapshot = self._read_snapshot()
         stored = self._read_hard_state()
@@ -369,7 +369,7 @@ class RaftStorage:
                 f"snapshot at {snapshot.meta.index} is older than the stored one at "
                 f"{self.snapshot_index}"
             )
-        self._atomic_write(self._snap_dir, _SNAP_FILE, _encode_snapshot(snapshot))
+        replace_atomically(self._snap_dir / _SNAP_FILE, _encode_snapshot(snapshot))
         self._snapshot = snapshot
         self._reconcile()
 
@@ -462,7 +462,7 @@ class RaftStorage:
         return _decode_hard_state(raw, str(path))
 
     def _write_hard_state(self, hs: HardState) -> None:
-        self._atomic_write(self._state_dir, _HS_FILE, [_encode_hard_state(hs)])
+        replace_atomically(self._state_dir / _HS_FILE, [_encode_hard_state(hs)])
         self._durable_hs = hs
 
     def _read_snapshot(self) -> Snapshot | None:
@@ -472,27 +472,3 @@ class RaftStorage:
         except FileNotFoundError:
             return None
         return _decode_snapshot(raw, str(path))
-
-    def _atomic_write(self, directory: Path, name: str, parts: list[bytes]) -> None:
-        """Write temp, fsync, rename over `name`, fsync the directory: readers (and a restart
-        after a crash) see the old file or the new one, never a mix."""
-        tmp = directory / (name + _TMP_SUFFIX)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            for part in parts:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, directory / name)
-        self._sync_dir(directory)
-
-    @staticmethod
-    def _sync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

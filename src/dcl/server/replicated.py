@@ -36,6 +36,7 @@ from dcl.raft.types import Entry, EntryType, Role, Snapshot
 from dcl.server.backend import ServerInfo
 from dcl.server.records import encode_record
 from dcl.storage import Log, LogConfig
+from dcl.storage.files import replace_atomically
 
 __all__ = ["CMD_PEER_ADDRESS", "CMD_RECORDS", "LogFsm", "ReplicatedBackend", "encode_records_cmd"]
 
@@ -275,17 +276,7 @@ class LogFsm:
                 "applied": applied, "next_offset": next_offset, "lowest_offset": lowest,
                 "addresses": addresses,
             }).encode()
-            tmp = self._checkpoint_path.with_suffix(".tmp")
-            with open(tmp, "wb") as f:
-                f.write(_U32.pack(zlib.crc32(body)) + body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._checkpoint_path)
-            dir_fd = os.open(self._checkpoint_path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            replace_atomically(self._checkpoint_path, [_U32.pack(zlib.crc32(body)), body])
             self._checkpointed = (applied, next_offset)
 
     # ------------------------------------------------------------------ Fsm protocol

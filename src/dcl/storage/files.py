@@ -1,0 +1,40 @@
+"""Small durable-file helpers shared by the Raft storage and the FSM checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["TMP_SUFFIX", "fsync_directory", "replace_atomically"]
+
+#: Suffix of the temporary file `replace_atomically` writes first; a leftover one is the
+#: trace of a replace interrupted by a crash and may be deleted.
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the creation, removal or renaming of files in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_atomically(path: Path, parts: Iterable[bytes]) -> None:
+    """Write temp, fsync, rename over `path`, fsync the directory: readers (and a restart
+    after a crash) see the old file or the new one, never a mix, and never lose the new one
+    once this returns."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
