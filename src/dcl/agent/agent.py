@@ -55,6 +55,15 @@ _GOSSIP_STATE_NAMES = {
 }
 
 
+async def _cancel(*tasks: asyncio.Task[None]) -> None:
+    """Cancel background tasks and wait until they have finished."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 @dataclass
 class AgentConfig:
     """Everything one node needs; field names follow the reference agent's."""
@@ -208,13 +217,7 @@ class Agent:
         self.driver.start()
         self._undo.append(self._stop_driver)
         checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_loop())
-
-        async def stop_checkpoints() -> None:
-            checkpoints.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await checkpoints
-
-        self._undo.append(stop_checkpoints)
+        self._undo.append(lambda: _cancel(checkpoints))
 
     async def _setup_server(self) -> None:
         cfg = self.config
@@ -287,11 +290,7 @@ class Agent:
 
     async def _stop_gossip_tasks(self) -> None:
         tasks, self._gossip_tasks = self._gossip_tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(*tasks)
 
     async def _leave_gossip(self) -> None:
         """Announce a graceful leave (others see LEFT and the leader removes us from Raft);
@@ -318,13 +317,7 @@ class Agent:
         if not self.config.join_rpc_addrs or self.config.bootstrap:
             return
         task = asyncio.get_running_loop().create_task(self._join_loop())
-
-        async def cancel() -> None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-        self._undo.append(cancel)
+        self._undo.append(lambda: _cancel(task))
 
     async def _join_loop(self) -> None:
         cfg = self.config
