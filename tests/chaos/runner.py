@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,10 +98,6 @@ async def run_chaos(config: ChaosConfig) -> ChaosResult:
     history = History(workdir / "history.jsonl")
     cluster = Cluster(pki, workdir / "nodes", config.nodes,
                       snapshot_threshold=config.snapshot_threshold)
-    taken: set[int] = set()
-    for node in cluster.nodes:
-        node.port = _stable_port(taken)
-        node.gossip_port = _stable_port(taken)
     proxies: dict[tuple[str, str], LinkProxy] = {}
     for i, a in enumerate(cluster.nodes):
         for j, b in enumerate(cluster.nodes):
@@ -170,26 +164,6 @@ def _node_errors(nodes: list[NodeProcess]) -> list[str]:
                              "")
                 found.append(f"{node.name}: {line.strip()[:160]} | {cause.strip()[:200]}")
     return found
-
-
-def _stable_port(taken: set[int]) -> int:
-    """A free port below the kernel's ephemeral range (32768-60999 here), for a node to keep
-    across restarts: while the node is down, an outgoing connection (the proxies open
-    hundreds) could otherwise take its port as a source port and fail the restart."""
-    rng = random.Random()
-    while True:
-        port = rng.randint(20000, 32000)
-        if port in taken:
-            continue
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
-                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                tcp.bind(("127.0.0.1", port))
-                udp.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        taken.add(port)
-        return port
 
 
 async def _restart_stragglers(cluster: Cluster) -> list[str]:

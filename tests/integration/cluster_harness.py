@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.server.certs import PkiFiles
 from dcl.tls import client_context
 
-__all__ = ["Cluster", "NodeProcess", "eventually"]
+__all__ = ["Cluster", "NodeProcess", "eventually", "free_port", "node_port"]
 
 _T = TypeVar("_T")
 
@@ -44,6 +45,30 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
+        return port
+
+
+_NODE_PORTS_TAKEN: set[int] = set()
+
+
+def node_port() -> int:
+    """A port (free for TCP and UDP) below the kernel's ephemeral range (32768-60999), for a
+    node to keep across restarts: while the node is down, an outgoing connection could
+    otherwise take an ephemeral port as its source port and make the restart fail to bind.
+    Never the same port twice in one test process."""
+    rng = random.Random()
+    while True:
+        port = rng.randint(20000, 32000)
+        if port in _NODE_PORTS_TAKEN:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                tcp.bind(("127.0.0.1", port))
+                udp.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _NODE_PORTS_TAKEN.add(port)
         return port
 
 
@@ -85,7 +110,7 @@ class NodeProcess:
     #: Further `dcl agent` flags for every (re)start, e.g. --peer-dial-override (tests/chaos).
     extra_args: list[str] = field(default_factory=list)
     #: Gossip UDP+TCP port (--bind-addr); kept across restarts like the RPC port.
-    gossip_port: int = field(default_factory=free_port)
+    gossip_port: int = field(default_factory=node_port)
 
     @property
     def gossip_addr(self) -> str:
@@ -283,7 +308,7 @@ class Cluster:
         self._directory = directory
         self._pki = pki
         self.nodes = [
-            NodeProcess(f"node-{i}", free_port(), directory / f"node-{i}", pki)
+            NodeProcess(f"node-{i}", node_port(), directory / f"node-{i}", pki)
             for i in range(size)
         ]
 
@@ -327,7 +352,7 @@ class Cluster:
 
     def add_node(self) -> NodeProcess:
         """A new node (next free name), started and joining like the others."""
-        node = NodeProcess(f"node-{len(self.nodes)}", free_port(),
+        node = NodeProcess(f"node-{len(self.nodes)}", node_port(),
                            self._directory / f"node-{len(self.nodes)}", self._pki)
         self.nodes.append(node)
         self.start(node)

@@ -23,15 +23,15 @@ from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.cli.agent import run_agent
 from dcl.server.certs import PkiFiles
 from dcl.tls import client_context
-from tests.integration.cluster_harness import free_port
+from tests.integration.cluster_harness import node_port
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def config(pki: PkiFiles, data_dir: Path, **overrides: object) -> AgentConfig:
     values: dict[str, object] = dict(
-        data_dir=data_dir, node_name="solo", bootstrap=True, rpc_port=free_port(),
-        bind_addr=f"127.0.0.1:{free_port()}", gossip_key_file=pki.gossip_key,
+        data_dir=data_dir, node_name="solo", bootstrap=True, rpc_port=node_port(),
+        bind_addr=f"127.0.0.1:{node_port()}", gossip_key_file=pki.gossip_key,
         server_tls_cert_file=pki.server_cert, server_tls_key_file=pki.server_key,
         server_tls_ca_file=pki.ca_cert, peer_tls_cert_file=pki.peer_cert,
         peer_tls_key_file=pki.peer_key, peer_tls_ca_file=pki.ca_cert,
