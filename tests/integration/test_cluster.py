@@ -16,8 +16,11 @@ import pytest
 from grpclib.const import Status
 from grpclib.health.v1 import health_pb2
 
+from dcl.api.dcl.v1 import batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.server.certs import PkiFiles
+from dcl.server.server import MESSAGE_OVERHEAD_BYTES
+from dcl.server.services import Limits
 from tests.integration.cluster_harness import TRANSIENT, Cluster, NodeProcess, eventually
 
 pytestmark = pytest.mark.timeout(75)
@@ -94,6 +97,25 @@ async def test_concurrent_and_pipelined_appends_each_get_their_own_offset(
         assert sorted(acked) == list(range(len(acked))) and len(acked) == 700
         for node in cluster.nodes:
             await wait_for_log(node, acked)
+
+
+async def test_a_batch_as_large_as_a_client_request_may_be_is_replicated(
+    pki: PkiFiles, tmp_path: Path
+) -> None:
+    """The records of one ProduceBatch become one Raft entry, and Raft framing makes it a few
+    bytes larger than the request: peers must accept it, or replication wedges for good."""
+    limit = Limits().max_record_bytes + MESSAGE_OVERHEAD_BYTES
+    values = [b"%06d" % i + b"r" * 994 for i in range(1100)]
+    size = batch_pb2.ProduceBatchRequest(values=values).ByteSize()
+    values.append(b"p" * (limit - size - 3 - 16))  # 3: the last value's tag and length
+    assert limit - 16 <= batch_pb2.ProduceBatchRequest(values=values).ByteSize() <= limit
+    async with Cluster(pki, tmp_path) as cluster:
+        leader = await cluster.wait_for_members(cluster.nodes, timeout=SETTLE)
+        first = await leader.produce_batch(values)
+        after = await leader.produce(b"after")
+        expected = {first + i: v for i, v in enumerate(values)} | {after: b"after"}
+        for follower in cluster.others(leader):
+            await wait_for_log(follower, expected)
 
 
 async def test_every_node_serves_health_once_a_leader_exists(

@@ -19,7 +19,7 @@ from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from dcl.agent.membership import RPC_ADDR_TAG, MembershipReconciler
-from dcl.api.dcl.v1 import admin_grpc, admin_pb2
+from dcl.api.dcl.v1 import admin_grpc, admin_pb2, raft_pb2
 from dcl.membership import (
     GossipConfig,
     GossipError,
@@ -230,6 +230,7 @@ class Agent:
             port=cfg.rpc_port,
             extra_handlers=[RaftService(self.driver, self._learn_address), self.admin],
             extra_actions={"/dcl.v1.Raft/Send": Action.PEER},
+            peer_message_types=[raft_pb2.RaftBatch],
         )
         await self.server.start()
         self._undo.append(self.server.close)

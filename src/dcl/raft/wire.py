@@ -24,7 +24,7 @@ from dcl.raft.types import (
     VoteResponse,
 )
 
-__all__ = ["decode_message", "encode_message", "encode_message_into"]
+__all__ = ["decode_message", "encode_message", "encode_message_into", "payload_bytes"]
 
 
 def _meta_to_pb(meta: SnapshotMeta) -> pb.RaftSnapshotMeta:
@@ -39,6 +39,18 @@ def encode_message(m: Message, src_addr: str = "") -> pb.RaftMessage:
     out = pb.RaftMessage()
     encode_message_into(out, m, src_addr)
     return out
+
+
+def payload_bytes(m: Message) -> int:
+    """The bulk bytes m puts on the wire (entry data, a snapshot chunk); framing excluded.
+
+    Cheap (no encoding), so a sender can size its batches before building them.
+    """
+    if isinstance(m, AppendEntries):
+        return sum(len(e.data) for e in m.entries)
+    if isinstance(m, InstallSnapshot):
+        return len(m.data)
+    return 0
 
 
 def encode_message_into(out: pb.RaftMessage, m: Message, src_addr: str = "") -> None:

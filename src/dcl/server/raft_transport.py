@@ -1,10 +1,13 @@
 """Raft messages over gRPC on the client API's port, and the Admin service.
 
 Sending: one long-lived `dcl.v1.Raft/Send` client stream per peer, fed from a bounded queue
-by a task that drains everything queued into one RaftBatch per write, so a burst of messages
-costs one HTTP/2 frame sequence, not one RPC each. Delivery is best effort: when the stream
-breaks the queued messages are dropped (Raft retransmits) and the task reconnects with
-backoff. Receiving: the Raft service steps each message into the local driver.
+by a task that drains what is queued into RaftBatches of about `BATCH_BYTES` each, so a burst
+of messages costs one HTTP/2 frame sequence, not one RPC each. The bound matters: the
+receiver refuses a message over its limit and ends the stream, and every message in that
+batch would be lost to a heartbeat's round of retransmission, again and again. Delivery is
+best effort: when the stream breaks the queued messages are dropped (Raft retransmits) and
+the task reconnects with backoff. Receiving: the Raft service steps each message into the
+local driver.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import ssl
 from collections.abc import Callable, Mapping, Sequence
 
 from grpclib.client import Channel
+from grpclib.client import Stream as ClientStream
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from dcl.api.dcl.v1 import admin_pb2, raft_grpc, raft_pb2
@@ -23,15 +29,41 @@ from dcl.api.dcl.v1.admin_grpc import AdminBase
 from dcl.errors import DclError, InvalidRequest, NotLeader, Unavailable
 from dcl.raft.driver import RaftDriver
 from dcl.raft.types import ConfChange, ConfChangeType, Message, ProposalDropped, Role
-from dcl.raft.wire import decode_message, encode_message_into
+from dcl.raft.wire import decode_message, encode_message_into, payload_bytes
 from dcl.server.errors import send_error
 from dcl.server.replicated import ReplicatedBackend, encode_address_cmd
 
-__all__ = ["AdminService", "GrpcTransport", "RaftService"]
+__all__ = ["BATCH_BYTES", "AdminService", "GrpcTransport", "RaftService", "split_batches"]
 
 log = logging.getLogger(__name__)
 
 _QUEUE_LIMIT = 8192
+
+_REFUSALS = frozenset({Status.PERMISSION_DENIED, Status.UNAUTHENTICATED,
+                       Status.RESOURCE_EXHAUSTED, Status.INVALID_ARGUMENT, Status.UNIMPLEMENTED})
+
+#: Payload bytes per RaftBatch: a message larger than this goes alone. Receivers accept
+#: dcl.server.server.PEER_MESSAGE_HEADROOM_BYTES more than a client message, which covers
+#: this plus one entry built from the largest client request.
+BATCH_BYTES = 1 << 20
+
+
+def split_batches(messages: Sequence[Message], budget: int = BATCH_BYTES) -> list[list[Message]]:
+    """Cut `messages`, in order, into runs of at most `budget` payload bytes (a larger single
+    message makes a run of its own)."""
+    runs: list[list[Message]] = []
+    run: list[Message] = []
+    size = 0
+    for m in messages:
+        n = payload_bytes(m)
+        if run and size + n > budget:
+            runs.append(run)
+            run, size = [], 0
+        run.append(m)
+        size += n
+    if run:
+        runs.append(run)
+    return runs
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
@@ -67,28 +99,44 @@ class _Peer:
             try:
                 stub = raft_grpc.RaftStub(channel)
                 async with stub.Send.open() as stream:
+                    await stream.send_request()
                     backoff = 0.05
-                    while True:
-                        if not self.queue:
-                            self.ready.clear()
-                            await self.ready.wait()
-                        batch, self.queue = self.queue, []
-                        src_addr = self._transport.local_addr
-                        out = raft_pb2.RaftBatch()
-                        for m in batch:
-                            encode_message_into(out.messages.add(), m, src_addr)
-                        await stream.send_message(out)
-                        if self._transport.dial_address(self.id) != addr:
-                            break  # the peer moved: reconnect to its new address
+                    await self._send_until_moved(stream, addr)
+                    # The peer moved: end this call without waiting for an answer the
+                    # receiver only gives once the stream ends, and dial the new address.
+                    await stream.cancel()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.debug("raft stream to %s (%s) failed: %r", self.id, addr, exc)
-                self.queue.clear()
+                # A refusal (ACL, message limit) is a set-up fault and worth an operator's
+                # eye; a peer that is down or restarting is routine.
+                refused = isinstance(exc, GRPCError) and exc.status in _REFUSALS
+                log.log(logging.WARNING if refused else logging.DEBUG,
+                        "raft stream to %s (%s) failed: %r", self.id, addr, exc)
+                self.queue.clear()  # Raft retransmits what mattered
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             finally:
                 channel.close()
+
+    async def _send_until_moved(
+        self, stream: ClientStream[raft_pb2.RaftBatch, raft_pb2.RaftSendSummary], addr: str
+    ) -> None:
+        """Send what is queued, batch by batch, until the peer's address changes (what is
+        queued then stays for the new address)."""
+        while True:
+            if not self.queue:
+                self.ready.clear()
+                await self.ready.wait()
+            if self._transport.dial_address(self.id) != addr:
+                return
+            queued, self.queue = self.queue, []
+            src_addr = self._transport.local_addr
+            for run in split_batches(queued):
+                out = raft_pb2.RaftBatch()
+                for m in run:
+                    encode_message_into(out.messages.add(), m, src_addr)
+                await stream.send_message(out)
 
 
 class GrpcTransport:

@@ -70,22 +70,35 @@ SERVICE_ACTIONS: Mapping[str, ActionRule] = {
 #: Room for protobuf framing around a maximum-size record.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
 
+#: How much larger than a client message a peer's message may be (see build_server). Senders
+#: keep their batches below this (dcl.server.raft_transport.BATCH_BYTES), so a batch that
+#: carries the largest possible entry still fits.
+PEER_MESSAGE_HEADROOM_BYTES = 2 << 20
+
 
 class MessageLimitCodec(ProtoCodec):
     """ProtoCodec that refuses oversized and malformed messages with a proper status.
 
     grpclib 0.4 has no max-message-size setting. The limit is enforced twice: from the gRPC
     header before any body is read (`_bounded_recv_message`), and here on what was read.
+    `type_limits` gives some message types their own limit (peers' Raft batches).
     """
 
-    def __init__(self, max_message_bytes: int):
+    def __init__(
+        self, max_message_bytes: int, type_limits: Mapping[type, int] | None = None
+    ) -> None:
         self.max_message_bytes = max_message_bytes
+        self.type_limits = dict(type_limits or {})
+
+    def limit_for(self, message_type: type) -> int:
+        return self.type_limits.get(message_type, self.max_message_bytes)
 
     def decode(self, data: bytes, message_type: type[IProtoMessage]) -> IProtoMessage:
-        if len(data) > self.max_message_bytes:
+        limit = self.limit_for(message_type)
+        if len(data) > limit:
             raise GRPCError(
                 Status.RESOURCE_EXHAUSTED,
-                f"message of {len(data)} bytes exceeds the limit of {self.max_message_bytes}",
+                f"message of {len(data)} bytes exceeds the limit of {limit}",
             )
         try:
             return message_type.FromString(data)
@@ -106,9 +119,9 @@ async def _bounded_recv_message(
     gigabyte. With a MessageLimitCodec the 5-byte gRPC header is checked first and the call
     fails with RESOURCE_EXHAUSTED before any of the body is read.
     """
-    limit = getattr(codec, "max_message_bytes", None)
-    if limit is None:
+    if not isinstance(codec, MessageLimitCodec):
         return await _grpclib_recv_message(stream, codec, message_type)
+    limit = codec.limit_for(message_type)
     header = await stream.recv_data(5)
     if not header:
         return None
@@ -124,7 +137,7 @@ async def _bounded_recv_message(
     body = await stream.recv_data(length)
     if len(body) != length:
         raise GRPCError(Status.INVALID_ARGUMENT, "truncated gRPC message")
-    return codec.decode(body, message_type)  # type: ignore[no-any-return]
+    return codec.decode(body, message_type)
 
 
 # Installed for every grpclib server in the process; it only changes behaviour for servers
@@ -169,6 +182,7 @@ class DclServer:
         port: int = 0,
         max_message_bytes: int = (4 << 20) + MESSAGE_OVERHEAD_BYTES,
         method_actions: Mapping[str, ActionRule] | None = None,
+        type_limits: Mapping[type, int] | None = None,
     ):
         actions = {**METHOD_ACTIONS, **SERVICE_ACTIONS, **(method_actions or {})}
         self._authorizer = authorizer
@@ -182,7 +196,9 @@ class DclServer:
         self._host = host
         self._requested_port = port
         self._port: int | None = None
-        self.grpc = _CorkedServer(handlers, codec=MessageLimitCodec(max_message_bytes))
+        self.grpc = _CorkedServer(
+            handlers, codec=MessageLimitCodec(max_message_bytes, type_limits)
+        )
         listen(self.grpc, RecvRequest, self._on_request)
 
     async def _on_request(self, event: RecvRequest) -> None:
@@ -285,15 +301,19 @@ def build_server(
     limits: Limits | None = None,
     extra_handlers: Iterable[IServable] = (),
     extra_actions: Mapping[str, ActionRule] | None = None,
+    peer_message_types: Iterable[type] = (),
     health_check_ttl: float = 0.5,
 ) -> DclServer:
     """The standard node server: log.v1.Log, dcl.v1.Batch and grpc.health.v1 over backend.
 
     Health is SERVING while the backend has a leader (i.e. writes can succeed). Pass the
     Raft/Admin services as ``extra_handlers``; their methods need entries in METHOD_ACTIONS,
-    SERVICE_ACTIONS or ``extra_actions``.
+    SERVICE_ACTIONS or ``extra_actions``. ``peer_message_types`` (Raft batches) may be
+    PEER_MESSAGE_HEADROOM_BYTES larger than a client message: one of them wraps an entry made
+    from a maximum-size client request together with Raft framing and other messages.
     """
     limits = limits or Limits()
+    client_limit = limits.max_record_bytes + MESSAGE_OVERHEAD_BYTES
     log_service = LogService(backend, limits)
 
     async def leader_known() -> bool:
@@ -307,6 +327,7 @@ def build_server(
         authorizer=authorizer,
         host=host,
         port=port,
-        max_message_bytes=limits.max_record_bytes + MESSAGE_OVERHEAD_BYTES,
+        max_message_bytes=client_limit,
         method_actions=extra_actions,
+        type_limits={t: client_limit + PEER_MESSAGE_HEADROOM_BYTES for t in peer_message_types},
     )
