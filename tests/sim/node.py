@@ -55,7 +55,8 @@ def encode_state(applied: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def decode_state(data: bytes) -> list[bytes]:
+def decode_state(data: bytes | memoryview) -> list[bytes]:
+    data = bytes(data)
     (count,) = _LEN.unpack_from(data, 0)
     pos = _LEN.size
     out: list[bytes] = []

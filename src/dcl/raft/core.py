@@ -550,7 +550,7 @@ class RaftNode:
             return
         self._register_reads([request_id])
 
-    def compact(self, index: int, data: bytes) -> None:
+    def compact(self, index: int, data: bytes | memoryview) -> None:
         """Record a snapshot of the applied state at `index` and drop log entries up to it.
 
         The application must have applied `index` (acknowledged via advance) and made `data`
@@ -572,6 +572,16 @@ class RaftNode:
         self._snap_index = index
         self._snap_term = term
         self._snap = Snapshot(SnapshotMeta(index, term, voters, learners), data)
+
+    def use_snapshot_copy(self, snapshot: Snapshot) -> None:
+        """Hold `snapshot` instead of the identical one held now (same meta), such as the
+        storage's file-mapped copy of what was just saved, so that a large snapshot's bytes
+        need not stay on the heap for as long as followers may need them."""
+        held = self._snap
+        if held is not None and held.meta == snapshot.meta and len(held.data) == len(
+            snapshot.data
+        ):
+            self._snap = snapshot
 
     def step(self, m: Message) -> None:
         """Process one message from a peer. Unknown, stale or misaddressed ones are dropped."""
@@ -1034,7 +1044,7 @@ class RaftNode:
             pr.snap_index = snap.meta.index
             pr.snap_offset = 0
         off = pr.snap_offset
-        chunk = snap.data[off : off + self._cfg.snapshot_chunk_size]
+        chunk = bytes(snap.data[off : off + self._cfg.snapshot_chunk_size])
         done = off + len(chunk) >= len(snap.data)
         self._send(InstallSnapshot(self._term, self.id, peer, snap.meta, off, chunk, done))
 
@@ -1287,7 +1297,8 @@ class RaftNode:
             n = len(self._incoming)
             self._send(SnapshotResponse(self._term, self.id, m.src, meta.index, n))
             return
-        snap = Snapshot(meta, bytes(self._incoming))
+        # A view, not a copy: the buffer is replaced below, never written again.
+        snap = Snapshot(meta, memoryview(self._incoming).toreadonly())
         self._incoming_key = None
         self._incoming = bytearray()
         self._install(snap)

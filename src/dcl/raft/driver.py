@@ -41,7 +41,7 @@ class Fsm(Protocol):
         """Replace the whole state with the snapshot's (durably)."""
         ...
 
-    def snapshot_data(self) -> bytes:
+    def snapshot_data(self) -> bytes | memoryview:
         """The state as of the last applied entry, as snapshot bytes."""
         ...
 
@@ -269,6 +269,7 @@ class RaftDriver:
         if rd.snapshot is not None:
             await self._persisting(
                 loop.run_in_executor(None, self._storage.save_snapshot, rd.snapshot))
+            self._hold_saved_snapshot()
         if rd.entries:
             self._storage.append(rd.entries)
         if rd.hard_state is not None:
@@ -287,6 +288,12 @@ class RaftDriver:
         self.core.advance(rd)
         if rd.committed_entries:
             await self._maybe_snapshot()
+
+    def _hold_saved_snapshot(self) -> None:
+        """Keep the storage's file-mapped copy of the snapshot just saved, not its bytes."""
+        saved = self._storage.snapshot
+        if saved is not None:
+            self.core.use_snapshot_copy(saved)
 
     def _apply(self, entries: Sequence[Entry]) -> None:
         results = self._fsm.apply(entries)
@@ -325,4 +332,5 @@ class RaftDriver:
         snap = self.core.snapshot
         if snap is not None:
             await loop.run_in_executor(None, self._storage.save_snapshot, snap)
+            self._hold_saved_snapshot()
             log.info("snapshot node=%s index=%d bytes=%d", self.node_id, applied, len(data))

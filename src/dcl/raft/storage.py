@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import struct
 import zlib
@@ -109,18 +110,18 @@ def _decode_hard_state(raw: bytes, path: str) -> HardState:
     return HardState(term, vote, commit)
 
 
-def _encode_ids(ids: frozenset[str], out: list[bytes]) -> None:
+def _encode_ids(ids: frozenset[str], out: list[bytes | memoryview]) -> None:
     for node in sorted(ids):  # sorted: identical snapshots give identical files
         raw = node.encode()
         out.append(_ID_LEN.pack(len(raw)))
         out.append(raw)
 
 
-def _encode_snapshot(snapshot: Snapshot) -> list[bytes]:
+def _encode_snapshot(snapshot: Snapshot) -> list[bytes | memoryview]:
     """The file as a list of parts, so the (possibly large) data is never copied into one
     buffer with the header; the CRC covers every part."""
     meta = snapshot.meta
-    parts = [
+    parts: list[bytes | memoryview] = [
         _SNAP_HEADER.pack(
             _SNAP_MAGIC, _VERSION, meta.index, meta.term, len(meta.voters), len(meta.learners)
         )
@@ -136,12 +137,13 @@ def _encode_snapshot(snapshot: Snapshot) -> list[bytes]:
     return parts
 
 
-def _decode_snapshot(raw: bytes, path: str) -> Snapshot:
-    view = memoryview(raw)
+def _decode_snapshot(raw: bytes | mmap.mmap, path: str, verify: bool = True) -> Snapshot:
+    """The snapshot in `raw`; its data is a view into `raw`, not a copy."""
+    view = memoryview(raw).toreadonly()
     if len(raw) < _SNAP_HEADER.size + _DATA_LEN.size + _CRC.size:
         raise CorruptRecord(path, 0, "snapshot file truncated")
     body_end = len(raw) - _CRC.size
-    if zlib.crc32(view[:body_end]) != _CRC.unpack_from(raw, body_end)[0]:
+    if verify and zlib.crc32(view[:body_end]) != _CRC.unpack_from(raw, body_end)[0]:
         raise CorruptRecord(path, 0, "snapshot checksum mismatch")
     try:
         magic, version, index, term, n_voters, n_learners = _SNAP_HEADER.unpack_from(raw, 0)
@@ -163,7 +165,25 @@ def _decode_snapshot(raw: bytes, path: str) -> Snapshot:
         raise CorruptRecord(path, 0, f"snapshot header invalid: {exc}") from None
     if p + size != body_end:
         raise CorruptRecord(path, p, "snapshot data length mismatch")
-    return Snapshot(SnapshotMeta(index, term, groups[0], groups[1]), bytes(view[p:body_end]))
+    return Snapshot(SnapshotMeta(index, term, groups[0], groups[1]), view[p:body_end])
+
+
+def _map_snapshot(path: Path, verify: bool = True) -> Snapshot | None:
+    """The snapshot file mapped read-only: its data stays in the page cache, off the heap,
+    however large the log it holds. The mapping outlives a later replacement of the file
+    (it pins the old inode), so a holder of this snapshot is never cut short."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return _decode_snapshot(b"", str(path))
+        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    return _decode_snapshot(mapped, str(path), verify)
 
 
 class RaftStorage:
@@ -369,8 +389,10 @@ class RaftStorage:
                 f"snapshot at {snapshot.meta.index} is older than the stored one at "
                 f"{self.snapshot_index}"
             )
-        replace_atomically(self._snap_dir / _SNAP_FILE, _encode_snapshot(snapshot))
-        self._snapshot = snapshot
+        path = self._snap_dir / _SNAP_FILE
+        replace_atomically(path, _encode_snapshot(snapshot))
+        # Hold the file, not the caller's bytes (just written: no need to re-check the CRC).
+        self._snapshot = _map_snapshot(path, verify=False) or snapshot
         self._reconcile()
 
     def compact(self, index: int) -> None:
@@ -466,9 +488,4 @@ class RaftStorage:
         self._durable_hs = hs
 
     def _read_snapshot(self) -> Snapshot | None:
-        path = self._snap_dir / _SNAP_FILE
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        return _decode_snapshot(raw, str(path))
+        return _map_snapshot(self._snap_dir / _SNAP_FILE)

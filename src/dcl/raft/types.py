@@ -125,10 +125,14 @@ class SnapshotMeta:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Snapshot metadata plus the application's opaque state bytes (taken at meta.index)."""
+    """Snapshot metadata plus the application's opaque state bytes (taken at meta.index).
+
+    `data` is bytes, or a read-only memoryview (a snapshot file mapped by RaftStorage, so a
+    large snapshot lives in the page cache rather than on the heap).
+    """
 
     meta: SnapshotMeta
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)

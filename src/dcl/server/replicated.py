@@ -313,8 +313,11 @@ class LogFsm:
         self.log.flush()
         return results
 
-    def snapshot_data(self) -> bytes:
+    def snapshot_data(self) -> memoryview:
         """Address book, then every record of the commit log, length-prefixed.
+
+        Built in one growing buffer, batch by batch: holding every record as its own object
+        until a final join would double the peak, and would leave the heap fragmented.
 
         A record that fails its CRC here was damaged while the node ran, where the verified
         stamps cannot see it (bit rot changes no mtime): they are dropped, so the next open
@@ -322,20 +325,23 @@ class LogFsm:
         (no snapshot can be taken without the record).
         """
         book = json.dumps(self.addresses).encode()
-        parts = [_SNAP_HEADER.pack(self.log.lowest_offset, len(book)), book]
+        out = bytearray(_SNAP_HEADER.pack(self.log.lowest_offset, len(book)))
+        out += book
         offset, end = self.log.lowest_offset, self.log.next_offset
+        pack = _U32.pack
         try:
             while offset < end:
                 batch = self.log.read_batch(offset, 4096, 8 << 20)
                 for record in batch:
-                    parts += [_U32.pack(len(record)), record]
+                    out += pack(len(record))
+                    out += record
                 offset += len(batch)
         except CorruptRecord:
             log.error("commit log damaged while running: full verification at next open "
                       "path=%s offset=%d", self.log.directory, offset)
             self._stamps_path.unlink(missing_ok=True)
             raise
-        return b"".join(parts)
+        return memoryview(out).toreadonly()
 
     def restore(self, snapshot: Snapshot) -> None:
         data = memoryview(snapshot.data)

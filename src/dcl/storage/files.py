@@ -22,7 +22,7 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def replace_atomically(path: Path, parts: Iterable[bytes]) -> None:
+def replace_atomically(path: Path, parts: Iterable[bytes | memoryview]) -> None:
     """Write temp, fsync, rename over `path`, fsync the directory: readers (and a restart
     after a crash) see the old file or the new one, never a mix, and never lose the new one
     once this returns."""

@@ -33,8 +33,8 @@ def fsm_snapshot(items: list[bytes]) -> bytes:
     return SEP.join(items)
 
 
-def fsm_restore(data: bytes) -> list[bytes]:
-    return data.split(SEP) if data else []
+def fsm_restore(data: bytes | memoryview) -> list[bytes]:
+    return bytes(data).split(SEP) if data else []
 
 
 @dataclass

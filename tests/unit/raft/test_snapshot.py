@@ -75,6 +75,29 @@ def test_lagging_follower_receives_snapshot_in_chunks_then_entries() -> None:
     assert a.progress()["c"].match == a.last_index
 
 
+def test_a_held_snapshot_may_be_swapped_for_an_identical_copy_only() -> None:
+    """The driver swaps the core's snapshot for the storage's file-mapped copy; a copy of
+    another snapshot must never replace it, and a follower gets the same bytes either way."""
+    c = Cluster(["a", "b", "c"], config=with_config(snapshot_chunk_size=4))
+    a = c.elect("a")
+    c.isolate("c")
+    a.propose_batch([b"one", b"two"])
+    c.stabilize()
+    snap = compact(c, "a")
+    other = SnapshotMeta(snap.meta.index - 1, snap.meta.term, snap.meta.voters)
+    a.use_snapshot_copy(Snapshot(other, snap.data))
+    a.use_snapshot_copy(Snapshot(snap.meta, b"short"))
+    assert a.snapshot is snap
+    copy = Snapshot(snap.meta, memoryview(bytes(snap.data)))
+    a.use_snapshot_copy(copy)
+    assert a.snapshot is copy
+    c.heal()
+    c.tick("a")
+    c.stabilize()
+    assert c.installed["c"] == [snap]
+    assert c.fsm("c") == [b"one", b"two"]
+
+
 def test_lost_snapshot_chunk_is_resent_on_heartbeat() -> None:
     c = Cluster(["a", "b", "c"], config=with_config(snapshot_chunk_size=3))
     a = c.elect("a")

@@ -286,6 +286,25 @@ def test_corrupt_state_or_snapshot_file_detected(tmp_path: Path, name: str, dama
     RaftStorage(tmp_path).close()
 
 
+def test_the_held_snapshot_is_read_from_its_file_and_outlives_a_replacement(
+    tmp_path: Path,
+) -> None:
+    """The stored snapshot is held as a mapping of its file (a snapshot holds the whole
+    commit log: it must not stay on the heap), and whoever still holds an older one, such as
+    a leader streaming it to a follower, keeps reading intact bytes after a newer one lands."""
+    data = os.urandom(1 << 20)
+    with RaftStorage(tmp_path) as s:
+        s.save_snapshot(snap(5, 1, data))
+        held = s.snapshot
+        assert held is not None and isinstance(held.data, memoryview) and held.data == data
+        s.save_snapshot(snap(9, 1, b"newer"))
+        assert held.data == data and len(held.data) == len(data)
+        assert s.snapshot == snap(9, 1, b"newer")
+    with RaftStorage(tmp_path) as s:
+        assert s.snapshot == snap(9, 1, b"newer")
+        assert isinstance(s.snapshot.data, memoryview)
+
+
 def test_leftover_temp_files_are_removed(tmp_path: Path) -> None:
     RaftStorage(tmp_path).close()
     (tmp_path / "state" / "hard_state.tmp").write_bytes(b"torn")
