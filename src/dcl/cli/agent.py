@@ -175,7 +175,8 @@ def agent(
     insecure_gossip: Annotated[bool | None, _opt(
         "insecure_gossip", "Run gossip unencrypted (trusted networks only).")] = None,
     snapshot_threshold: Annotated[int | None, _opt(
-        "snapshot_threshold", "Applied entries between snapshots.")] = None,
+        "snapshot_threshold",
+        "Entries between snapshots (also waits for as many bytes as the last one).")] = None,
     segment_bytes: Annotated[int | None, _opt("segment_bytes", "Max store segment size.")] = None,
     log_level: Annotated[str | None, _opt("log_level", "DEBUG, INFO, WARNING...")] = None,
     peer_dial_overrides: Annotated[list[str] | None, typer.Option(

@@ -108,6 +108,8 @@ class RaftDriver:
         self._tick = tick_seconds
         self._commit_timeout = commit_timeout
         self._snapshot_every = snapshot_threshold_entries
+        #: Entry bytes in the Raft log since the snapshot (see `_maybe_snapshot`).
+        self._log_bytes = sum(len(e.data) for e in entries)
         self._wake = asyncio.Event()
         #: index -> (term, settle(error, result), commit-timeout timer), one per proposal.
         self._waiters: dict[int, tuple[int, _Settle, asyncio.TimerHandle]] = {}
@@ -270,8 +272,10 @@ class RaftDriver:
             await self._persisting(
                 loop.run_in_executor(None, self._storage.save_snapshot, rd.snapshot))
             self._hold_saved_snapshot()
+            self._log_bytes = 0
         if rd.entries:
             self._storage.append(rd.entries)
+            self._log_bytes += sum(len(e.data) for e in rd.entries)
         if rd.hard_state is not None:
             self._storage.set_hard_state(rd.hard_state)
         if rd.entries:
@@ -309,12 +313,24 @@ class RaftDriver:
         self.on_applied()
 
     async def _maybe_snapshot(self) -> None:
+        """Snapshot once the Raft log holds `snapshot_threshold_entries` entries AND at least
+        as many bytes as the last snapshot.
+
+        A snapshot copies the whole state, which only grows for a commit log: by entries
+        alone, the cost of each snapshot would grow with the log while the interval stayed
+        fixed (quadratic work over time). Waiting for as many new bytes as the last snapshot
+        held keeps the cost at about one byte read and written per byte appended, and the
+        Raft log at most about the size of the state.
+        """
         if self._snapshot_every <= 0:
             return
         applied = self.core.applied_index
         if applied - self.core.first_index + 1 < self._snapshot_every:
             return
         if applied < self._snapshot_after:
+            return
+        held = self.core.snapshot
+        if held is not None and self._log_bytes < len(held.data):
             return
         loop = asyncio.get_running_loop()
         # The FSM must be durable up to `applied` before the raft log behind it is dropped.
@@ -329,6 +345,7 @@ class RaftDriver:
             self._snapshot_after = applied + self._snapshot_every
             return
         self.core.compact(applied, data)
+        self._log_bytes = 0
         snap = self.core.snapshot
         if snap is not None:
             await loop.run_in_executor(None, self._storage.save_snapshot, snap)

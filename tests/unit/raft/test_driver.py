@@ -144,3 +144,26 @@ async def test_a_leader_keeps_heartbeating_through_a_slow_fsync(tmp_path: Path) 
         beats = [t for t, m in transport.sent
                  if isinstance(m, Heartbeat) and m.dst == "b" and start < t < end]
         assert len(beats) >= 20, f"{len(beats)} heartbeats during a 0.6 s stall"
+
+
+async def test_snapshots_wait_for_as_many_new_bytes_as_the_last_one_held(
+    tmp_path: Path,
+) -> None:
+    """A snapshot copies the whole log; taking one every N entries regardless of its size
+    would make the work per entry grow with the log."""
+    async with leader(tmp_path, snapshot_threshold_entries=10) as driver:
+        await until_applied(driver)
+
+        async def append(count: int, size: int) -> None:
+            for i in range(count):
+                await driver.propose(encode_records_cmd([bytes([i % 256]) * size]))
+
+        await append(20, 10_000)  # 200 KB: a first snapshot, of about that size
+        first = driver.core.snapshot
+        assert first is not None and len(first.data) > 100_000
+        await append(30, 10)  # 30 entries but few bytes: no new snapshot
+        assert driver.core.snapshot is first
+        await append(int(len(first.data) / 10_000) + 2, 10_000)
+        second = driver.core.snapshot
+        assert second is not None and second.meta.index > first.meta.index
+        assert len(second.data) > len(first.data)
