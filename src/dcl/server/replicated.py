@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -93,6 +94,9 @@ class LogFsm:
         directory.mkdir(parents=True, exist_ok=True)
         self._checkpoint_path = directory / "fsm.checkpoint"
         self._stamps_path = directory / "fsm.verified"
+        #: Scratch file a snapshot is built in (unlinked as soon as it is mapped).
+        self._build_path = directory / "snapshot.build"
+        self._build_path.unlink(missing_ok=True)  # left by a crash mid-build
         # Records are never empty (each carries its offset), so zeroed bytes are never one.
         self.log = Log(
             directory / "commitlog", dataclasses.replace(config or LogConfig(), empty_records=False)
@@ -316,8 +320,9 @@ class LogFsm:
     def snapshot_data(self) -> memoryview:
         """Address book, then every record of the commit log, length-prefixed.
 
-        Built in one growing buffer, batch by batch: holding every record as its own object
-        until a final join would double the peak, and would leave the heap fragmented.
+        Written batch by batch to a scratch file, which is mapped and unlinked: the snapshot
+        is as large as the commit log, so it never goes on the heap. The mapping keeps the
+        file's blocks until its last holder lets go (RaftStorage then holds its own copy).
 
         A record that fails its CRC here was damaged while the node ran, where the verified
         stamps cannot see it (bit rot changes no mtime): they are dropped, so the next open
@@ -325,23 +330,29 @@ class LogFsm:
         (no snapshot can be taken without the record).
         """
         book = json.dumps(self.addresses).encode()
-        out = bytearray(_SNAP_HEADER.pack(self.log.lowest_offset, len(book)))
-        out += book
         offset, end = self.log.lowest_offset, self.log.next_offset
         pack = _U32.pack
+        out = open(self._build_path, "w+b", buffering=1 << 20)  # noqa: SIM115 - closed below
         try:
+            out.write(_SNAP_HEADER.pack(offset, len(book)))
+            out.write(book)
             while offset < end:
                 batch = self.log.read_batch(offset, 4096, 8 << 20)
                 for record in batch:
-                    out += pack(len(record))
-                    out += record
+                    out.write(pack(len(record)))
+                    out.write(record)
                 offset += len(batch)
+            out.flush()
+            mapped = mmap.mmap(out.fileno(), 0, prot=mmap.PROT_READ)
         except CorruptRecord:
             log.error("commit log damaged while running: full verification at next open "
                       "path=%s offset=%d", self.log.directory, offset)
             self._stamps_path.unlink(missing_ok=True)
             raise
-        return memoryview(out).toreadonly()
+        finally:
+            out.close()
+            self._build_path.unlink(missing_ok=True)
+        return memoryview(mapped)
 
     def restore(self, snapshot: Snapshot) -> None:
         data = memoryview(snapshot.data)
