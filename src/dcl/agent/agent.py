@@ -84,6 +84,8 @@ class AgentConfig:
     # Ours.
     segment_bytes: int = 64 << 20
     snapshot_threshold_entries: int = 100_000
+    #: Raft log bytes held in memory after which a snapshot is taken whatever the count.
+    snapshot_log_bytes: int = 256 << 20
     tick_seconds: float = 0.05
     election_tick: int = 10
     log_level: str = "INFO"
@@ -210,6 +212,7 @@ class Agent:
             applied=self.fsm.applied_index, bootstrap=cfg.bootstrap,
             tick_seconds=cfg.tick_seconds,
             snapshot_threshold_entries=cfg.snapshot_threshold_entries,
+            snapshot_max_log_bytes=cfg.snapshot_log_bytes,
         )
         self.backend = ReplicatedBackend(self.driver, self.fsm, cfg.rpc_addr)
         self.driver.on_role_change = self._on_role_change

@@ -25,8 +25,8 @@ _KEYS = (
     "data_dir", "node_name", "bind_addr", "rpc_port", "start_join_addrs", "join_rpc_addrs",
     "bootstrap", "acl_model_file", "acl_policy_file", "server_tls_cert_file",
     "server_tls_key_file", "server_tls_ca_file", "peer_tls_cert_file", "peer_tls_key_file",
-    "peer_tls_ca_file", "gossip_key_file", "snapshot_threshold", "segment_bytes", "log_level",
-    "peer_dial_overrides", "insecure_gossip",
+    "peer_tls_ca_file", "gossip_key_file", "snapshot_threshold", "snapshot_log_bytes",
+    "segment_bytes", "log_level", "peer_dial_overrides", "insecure_gossip",
 )
 _REQUIRED_FILES = (
     "acl_model_file", "acl_policy_file", "server_tls_cert_file", "server_tls_key_file",
@@ -100,6 +100,7 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         acl_model_file=Path(merged["acl_model_file"]),
         acl_policy_file=Path(merged["acl_policy_file"]),
         snapshot_threshold_entries=int(merged.get("snapshot_threshold", 100_000)),
+        snapshot_log_bytes=int(merged.get("snapshot_log_bytes", 256 << 20)),
         segment_bytes=int(merged.get("segment_bytes", 64 << 20)),
         log_level=str(merged.get("log_level", "INFO")),
     )
@@ -177,6 +178,9 @@ def agent(
     snapshot_threshold: Annotated[int | None, _opt(
         "snapshot_threshold",
         "Entries between snapshots (also waits for as many bytes as the last one).")] = None,
+    snapshot_log_bytes: Annotated[int | None, _opt(
+        "snapshot_log_bytes",
+        "Raft log bytes (held in memory) that force a snapshot whatever the count.")] = None,
     segment_bytes: Annotated[int | None, _opt("segment_bytes", "Max store segment size.")] = None,
     log_level: Annotated[str | None, _opt("log_level", "DEBUG, INFO, WARNING...")] = None,
     peer_dial_overrides: Annotated[list[str] | None, typer.Option(

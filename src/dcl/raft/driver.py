@@ -90,6 +90,7 @@ class RaftDriver:
         tick_seconds: float = 0.05,
         commit_timeout: float = 10.0,
         snapshot_threshold_entries: int = 0,
+        snapshot_max_log_bytes: int = 256 << 20,
         rng: random.Random | None = None,
     ) -> None:
         hard_state, snapshot, entries = storage.load()
@@ -108,6 +109,7 @@ class RaftDriver:
         self._tick = tick_seconds
         self._commit_timeout = commit_timeout
         self._snapshot_every = snapshot_threshold_entries
+        self._snapshot_max_log_bytes = snapshot_max_log_bytes
         #: Entry bytes in the Raft log since the snapshot (see `_maybe_snapshot`).
         self._log_bytes = sum(len(e.data) for e in entries)
         self._wake = asyncio.Event()
@@ -314,23 +316,26 @@ class RaftDriver:
 
     async def _maybe_snapshot(self) -> None:
         """Snapshot once the Raft log holds `snapshot_threshold_entries` entries AND at least
-        as many bytes as the last snapshot.
+        as many bytes as the last snapshot, or in any case once it holds
+        `snapshot_max_log_bytes`.
 
         A snapshot copies the whole state, which only grows for a commit log: by entries
         alone, the cost of each snapshot would grow with the log while the interval stayed
         fixed (quadratic work over time). Waiting for as many new bytes as the last snapshot
-        held keeps the cost at about one byte read and written per byte appended, and the
-        Raft log at most about the size of the state.
+        held keeps the cost at about one byte read and written per byte appended. But the
+        core holds the Raft log since the snapshot in memory, so the byte cap bounds that
+        first: past it, memory wins over snapshot work.
         """
         if self._snapshot_every <= 0:
             return
         applied = self.core.applied_index
-        if applied - self.core.first_index + 1 < self._snapshot_every:
-            return
-        if applied < self._snapshot_after:
+        if applied < self._snapshot_after or applied < self.core.first_index:
             return
         held = self.core.snapshot
-        if held is not None and self._log_bytes < len(held.data):
+        due = applied - self.core.first_index + 1 >= self._snapshot_every and (
+            held is None or self._log_bytes >= len(held.data)
+        )
+        if not due and self._log_bytes < self._snapshot_max_log_bytes:
             return
         loop = asyncio.get_running_loop()
         # The FSM must be durable up to `applied` before the raft log behind it is dropped.

@@ -167,3 +167,18 @@ async def test_snapshots_wait_for_as_many_new_bytes_as_the_last_one_held(
         second = driver.core.snapshot
         assert second is not None and second.meta.index > first.meta.index
         assert len(second.data) > len(first.data)
+
+
+async def test_the_raft_log_held_in_memory_is_capped_whatever_the_entry_count(
+    tmp_path: Path,
+) -> None:
+    async with leader(tmp_path, snapshot_threshold_entries=1000,
+                      snapshot_max_log_bytes=100_000) as driver:
+        await until_applied(driver)
+        for i in range(15):  # 150 KB in 15 entries: far below the count, over the cap
+            await driver.propose(encode_records_cmd([bytes([i]) * 10_000]))
+        snap = driver.core.snapshot
+        assert snap is not None and snap.meta.index >= 11
+        held = sum(len(driver.core.entry(i).data)  # type: ignore[union-attr]
+                   for i in range(driver.core.first_index, driver.core.last_index + 1))
+        assert held < 100_000
