@@ -85,7 +85,7 @@ class AgentConfig:
     segment_bytes: int = 64 << 20
     snapshot_threshold_entries: int = 100_000
     #: Raft log bytes held in memory after which a snapshot is taken whatever the count.
-    snapshot_log_bytes: int = 256 << 20
+    snapshot_log_bytes: int = 1 << 30
     tick_seconds: float = 0.05
     election_tick: int = 10
     log_level: str = "INFO"

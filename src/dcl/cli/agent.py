@@ -100,7 +100,7 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         acl_model_file=Path(merged["acl_model_file"]),
         acl_policy_file=Path(merged["acl_policy_file"]),
         snapshot_threshold_entries=int(merged.get("snapshot_threshold", 100_000)),
-        snapshot_log_bytes=int(merged.get("snapshot_log_bytes", 256 << 20)),
+        snapshot_log_bytes=int(merged.get("snapshot_log_bytes", 1 << 30)),
         segment_bytes=int(merged.get("segment_bytes", 64 << 20)),
         log_level=str(merged.get("log_level", "INFO")),
     )

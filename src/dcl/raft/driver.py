@@ -90,7 +90,7 @@ class RaftDriver:
         tick_seconds: float = 0.05,
         commit_timeout: float = 10.0,
         snapshot_threshold_entries: int = 0,
-        snapshot_max_log_bytes: int = 256 << 20,
+        snapshot_max_log_bytes: int = 1 << 30,
         rng: random.Random | None = None,
     ) -> None:
         hard_state, snapshot, entries = storage.load()
