@@ -19,7 +19,7 @@ from dcl.raft.types import AppendEntries, Entry, EntryType, Heartbeat, Message
 from dcl.server.acl import Action, Authorizer
 from dcl.server.certs import PkiFiles
 from dcl.server.local import LocalBackend
-from dcl.server.raft_transport import BATCH_BYTES, GrpcTransport, RaftService, split_batches
+from dcl.server.raft_transport import GrpcTransport, RaftService
 from dcl.server.server import DclServer, build_server
 from dcl.server.services import Limits
 from dcl.tls import client_context, server_context
@@ -102,19 +102,6 @@ async def test_one_entry_from_the_largest_client_request_fits_a_peer_message(
     finally:
         await transport.close()
     assert inbox.messages[0] == big
-
-
-def test_batches_keep_order_and_stay_within_the_budget() -> None:
-    msgs: list[Message] = [append(1, 300 << 10), Heartbeat(1, "n0", "n1", 0, 0),
-                           append(2, 300 << 10), append(3, 300 << 10), append(4, 300 << 10),
-                           append(5, 3 << 20), append(6, 10)]
-    runs = split_batches(msgs)
-    assert [m for run in runs for m in run] == msgs
-    assert [len(run) for run in runs] == [4, 1, 1, 1]  # 1.2 MiB would exceed 1 MiB
-    for run in runs:
-        sizes = [sum(len(e.data) for e in m.entries) for m in run
-                 if isinstance(m, AppendEntries)]
-        assert len(run) == 1 or sum(sizes) <= BATCH_BYTES
 
 
 async def test_an_unauthorized_peer_stream_delivers_nothing(

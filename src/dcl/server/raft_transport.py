@@ -26,6 +26,7 @@ from grpclib.server import Stream
 
 from dcl.api.dcl.v1 import admin_pb2, raft_grpc, raft_pb2
 from dcl.api.dcl.v1.admin_grpc import AdminBase
+from dcl.batching import runs_within
 from dcl.errors import DclError, InvalidRequest, NotLeader, Unavailable
 from dcl.raft.driver import RaftDriver
 from dcl.raft.types import ConfChange, ConfChangeType, Message, ProposalDropped, Role
@@ -33,7 +34,7 @@ from dcl.raft.wire import decode_message, encode_message_into, payload_bytes
 from dcl.server.errors import send_error
 from dcl.server.replicated import ReplicatedBackend, encode_address_cmd
 
-__all__ = ["BATCH_BYTES", "AdminService", "GrpcTransport", "RaftService", "split_batches"]
+__all__ = ["BATCH_BYTES", "AdminService", "GrpcTransport", "RaftService"]
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +47,6 @@ _REFUSALS = frozenset({Status.PERMISSION_DENIED, Status.UNAUTHENTICATED,
 #: dcl.server.server.PEER_MESSAGE_HEADROOM_BYTES more than a client message, which covers
 #: this plus one entry built from the largest client request.
 BATCH_BYTES = 1 << 20
-
-
-def split_batches(messages: Sequence[Message], budget: int = BATCH_BYTES) -> list[list[Message]]:
-    """Cut `messages`, in order, into runs of at most `budget` payload bytes (a larger single
-    message makes a run of its own)."""
-    runs: list[list[Message]] = []
-    run: list[Message] = []
-    size = 0
-    for m in messages:
-        n = payload_bytes(m)
-        if run and size + n > budget:
-            runs.append(run)
-            run, size = [], 0
-        run.append(m)
-        size += n
-    if run:
-        runs.append(run)
-    return runs
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
@@ -132,7 +115,7 @@ class _Peer:
                 return
             queued, self.queue = self.queue, []
             src_addr = self._transport.local_addr
-            for run in split_batches(queued):
+            for run in runs_within(queued, payload_bytes, BATCH_BYTES):
                 out = raft_pb2.RaftBatch()
                 for m in run:
                     encode_message_into(out.messages.add(), m, src_addr)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dcl.api.dcl.v1 import raft_pb2
+from dcl.batching import runs_within
 from dcl.errors import CorruptRecord, NotLeader, OffsetOutOfRange, Unavailable
 from dcl.raft.driver import RaftDriver
 from dcl.raft.storage import RaftStorage
@@ -437,16 +438,7 @@ class ReplicatedBackend:
     def _flush(self) -> None:
         """Propose the coalesced appends, in order, as entries of bounded size."""
         pending, self._pending = self._pending, []
-        chunk: list[tuple[Sequence[bytes], asyncio.Future[int]]] = []
-        size = 0
-        for item in pending:
-            item_size = sum(map(len, item[0]))
-            if chunk and size + item_size > _COALESCE_BYTES:
-                self._propose_chunk(chunk)
-                chunk, size = [], 0
-            chunk.append(item)
-            size += item_size
-        if chunk:
+        for chunk in runs_within(pending, lambda item: sum(map(len, item[0])), _COALESCE_BYTES):
             self._propose_chunk(chunk)
 
     def _propose_chunk(self, chunk: list[tuple[Sequence[bytes], asyncio.Future[int]]]) -> None:
