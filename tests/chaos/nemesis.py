@@ -215,19 +215,21 @@ class Nemesis:
 
     # ------------------------------------------------------------------ faults
 
-    async def kill_follower(self) -> None:
+    async def _target(self, kind: str, *, leader: bool) -> NodeProcess | None:
+        """The leader, or a random follower; None (counted as skipped) when there is none."""
         found = await self._leader_and_followers()
-        if found is None or not found[1]:
-            self.skipped["kill_follower"] += 1
-            return
-        await self._kill_restart("kill_follower", self.rng.choice(found[1]))
+        if found is None or not (leader or found[1]):
+            self.skipped[kind] += 1
+            return None
+        return found[0] if leader else self.rng.choice(found[1])
+
+    async def kill_follower(self) -> None:
+        if node := await self._target("kill_follower", leader=False):
+            await self._kill_restart("kill_follower", node)
 
     async def kill_leader(self) -> None:
-        found = await self._leader_and_followers()
-        if found is None:
-            self.skipped["kill_leader"] += 1
-            return
-        await self._kill_restart("kill_leader", found[0])
+        if node := await self._target("kill_leader", leader=True):
+            await self._kill_restart("kill_leader", node)
 
     async def _pause_for(self, kind: str, node: NodeProcess) -> None:
         pause = self.rng.uniform(*PAUSE_RANGE)
@@ -238,18 +240,12 @@ class Nemesis:
         self._stop(kind, fault)
 
     async def pause_follower(self) -> None:
-        found = await self._leader_and_followers()
-        if found is None or not found[1]:
-            self.skipped["pause_follower"] += 1
-            return
-        await self._pause_for("pause_follower", self.rng.choice(found[1]))
+        if node := await self._target("pause_follower", leader=False):
+            await self._pause_for("pause_follower", node)
 
     async def pause_leader(self) -> None:
-        found = await self._leader_and_followers()
-        if found is None:
-            self.skipped["pause_leader"] += 1
-            return
-        await self._pause_for("pause_leader", found[0])
+        if node := await self._target("pause_leader", leader=True):
+            await self._pause_for("pause_leader", node)
 
     async def _partition(self, kind: str, nodes: Sequence[NodeProcess],
                          links: list[tuple[str, str]], state: LinkState,
