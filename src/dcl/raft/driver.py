@@ -213,7 +213,7 @@ class RaftDriver:
         self._next_tick = loop.time() + self._tick
         # One timer per tick wakes the loop; a busy loop (woken by messages and proposals)
         # then pays nothing per turn for the clock.
-        self._ticker = loop.call_at(self._next_tick, self._wake.set)
+        self._arm_ticker(loop)
         try:
             while not self._stopping:
                 if not self._wake.is_set():
@@ -235,17 +235,28 @@ class RaftDriver:
             if self._ticker is not None:
                 self._ticker.cancel()
 
+    def _arm_ticker(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._ticker = loop.call_at(self._next_tick, self._on_ticker)
+
+    def _on_ticker(self) -> None:
+        self._ticker = None
+        self._wake.set()
+
     def _tick_if_due(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
         if now < self._next_tick:
+            # A timer may fire a little before its deadline (uvloop rounds to whole
+            # milliseconds): the clock must never stop for want of a timer.
+            if self._ticker is None:
+                self._arm_ticker(loop)
             return
         self.core.tick()
         self._next_tick += self._tick
         if self._next_tick <= now:  # after a long stall tick once, not in a burst
             self._next_tick = now + self._tick
-        if self._ticker is not None:
-            self._ticker.cancel()
-        self._ticker = loop.call_at(self._next_tick, self._wake.set)
+        self._arm_ticker(loop)
 
     async def _persisting(self, work: asyncio.Future[None]) -> None:
         """Await a disk write in the executor without a leader going silent.

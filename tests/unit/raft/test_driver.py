@@ -182,3 +182,27 @@ async def test_the_raft_log_held_in_memory_is_capped_whatever_the_entry_count(
         held = sum(len(driver.core.entry(i).data)  # type: ignore[union-attr]
                    for i in range(driver.core.first_index, driver.core.last_index + 1))
         assert held < 100_000
+
+
+class EarlyTimerLoop(asyncio.SelectorEventLoop):
+    """Fires every timer 2 ms before its deadline, as uvloop can (it rounds to milliseconds)."""
+
+    def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> Any:
+        return super().call_at(when - 0.002, callback, *args, context=context)
+
+
+def test_the_clock_keeps_ticking_when_timers_fire_early(tmp_path: Path) -> None:
+    """A tick timer that fires before the tick is due must be re-armed, or the node's clock
+    stops for good: a lone voter would then never even elect itself."""
+
+    async def scenario() -> tuple[Role, int]:
+        async with leader(tmp_path) as driver:
+            term = driver.core.term
+            return driver.core.role, term
+
+    loop = EarlyTimerLoop()
+    try:
+        role, term = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert role is Role.LEADER and term >= 1
