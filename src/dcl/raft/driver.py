@@ -6,7 +6,8 @@ proposals from clients) calls into the core on the same event loop thread and wa
 Contract with the core (see dcl.raft.core): for each Ready the driver persists the snapshot,
 the entries and the hard state, fsyncs, and only then sends messages (except a steady leader's
 `send_before_persist` Ready, whose messages acknowledge nothing and go out first so
-replication overlaps the leader's own fsync, or after the apply when nothing is persisted);
+replication overlaps the leader's own fsync, or after the apply when nothing is persisted,
+one loop turn late if that apply answered proposers, so their replies are written first);
 then it applies committed entries and calls `advance`. Group commit falls out of this:
 while one fsync runs in the executor, new proposals and acknowledgements accumulate in the
 core and the next Ready covers all of them with one fsync.
@@ -23,7 +24,17 @@ from typing import Any, Protocol
 from dcl.errors import CommitTimeout, CorruptRecord, NotLeader, Unavailable
 from dcl.raft.core import RaftNode
 from dcl.raft.storage import RaftStorage
-from dcl.raft.types import ConfChange, Config, Entry, Message, Ready, Role, Snapshot, Status
+from dcl.raft.types import (
+    AppendEntries,
+    ConfChange,
+    Config,
+    Entry,
+    Message,
+    Ready,
+    Role,
+    Snapshot,
+    Status,
+)
 
 __all__ = ["Fsm", "RaftDriver", "Transport"]
 
@@ -298,9 +309,17 @@ class RaftDriver:
         if rd.snapshot is not None:
             # On the loop: readers share the commit log with the FSM, which is single-threaded.
             self._fsm.restore(rd.snapshot)
-        if rd.committed_entries:
-            self._apply(rd.committed_entries)
+        answered = self._apply(rd.committed_entries) if rd.committed_entries else False
         if rd.send_before_persist and not send_early and rd.messages:
+            if answered and all(
+                isinstance(m, AppendEntries) and m.announces_commit_only for m in rd.messages
+            ):
+                # The proposers just answered write their replies in the next loop turn;
+                # a commit announcement sent now would wake every follower to apply first,
+                # and on a busy machine they compete with the reply for the CPU. One turn's
+                # wait puts the reply on the wire first: one-at-a-time Produce p50 2.25 ->
+                # 2.0 ms on 3 nodes sharing 2 cores. Replication (entries) never waits.
+                await asyncio.sleep(0)
             self._transport.send(rd.messages)
         self.core.advance(rd)
         if rd.committed_entries:
@@ -312,18 +331,22 @@ class RaftDriver:
         if saved is not None:
             self.core.use_snapshot_copy(saved)
 
-    def _apply(self, entries: Sequence[Entry]) -> None:
+    def _apply(self, entries: Sequence[Entry]) -> bool:
+        """Apply and settle the proposers waiting on these entries; True if there were any."""
         results = self._fsm.apply(entries)
+        answered = False
         if self._waiters:
             for entry, result in zip(entries, results, strict=True):
                 waiter = self._waiters.get(entry.index)
                 if waiter is None:
                     continue
+                answered = True
                 if waiter[0] == entry.term:
                     self._settle(entry.index, None, result)
                 else:  # our entry was overwritten by a later leader: it never committed
                     self._settle(entry.index, NotLeader(self.core.leader_id), None)
         self.on_applied()
+        return answered
 
     async def _maybe_snapshot(self) -> None:
         """Snapshot once the Raft log holds `snapshot_threshold_entries` entries AND at least

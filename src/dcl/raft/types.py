@@ -173,6 +173,10 @@ class AppendEntries:
     commit: int
     want_response: bool = True
 
+    @property
+    def announces_commit_only(self) -> bool:
+        return not self.want_response and not self.entries
+
 
 @dataclass(slots=True, unsafe_hash=True)
 class AppendResponse:

@@ -18,7 +18,17 @@ import pytest
 from dcl.errors import CommitTimeout, NotLeader, Unavailable
 from dcl.raft.driver import RaftDriver, Transport
 from dcl.raft.storage import RaftStorage
-from dcl.raft.types import ConfChange, ConfChangeType, Config, Heartbeat, Message, Role
+from dcl.raft.types import (
+    AppendEntries,
+    AppendResponse,
+    ConfChange,
+    ConfChangeType,
+    Config,
+    Heartbeat,
+    HeartbeatResponse,
+    Message,
+    Role,
+)
 from dcl.server.replicated import LogFsm, encode_records_cmd
 
 pytestmark = pytest.mark.timeout(30)
@@ -182,6 +192,55 @@ async def test_the_raft_log_held_in_memory_is_capped_whatever_the_entry_count(
         held = sum(len(driver.core.entry(i).data)  # type: ignore[union-attr]
                    for i in range(driver.core.first_index, driver.core.last_index + 1))
         assert held < 100_000
+
+
+class AckingVoter:
+    """Plays voter "b" for a driver: acknowledges every append and heartbeat at once (in the
+    next loop turn, as a network would) and logs what it was sent."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.driver: RaftDriver | None = None
+        self.log = log
+
+    def send(self, messages: Sequence[Message]) -> None:
+        driver = self.driver
+        assert driver is not None
+        loop = asyncio.get_running_loop()
+        for m in messages:
+            if isinstance(m, AppendEntries):
+                if m.announces_commit_only:
+                    self.log.append(f"commit announced {m.commit}")
+                else:
+                    reply = AppendResponse(m.term, "b", m.src, m.prev_index + len(m.entries))
+                    loop.call_soon(driver.receive, reply)
+            elif isinstance(m, Heartbeat):
+                loop.call_soon(driver.receive, HeartbeatResponse(m.term, "b", m.src, m.context))
+
+
+async def test_a_proposer_is_answered_before_the_commit_is_announced(tmp_path: Path) -> None:
+    """With two voters, an entry commits on b's acknowledgement; the leader then applies it
+    and announces the new commit index to b. The proposer's task must run (and write its
+    reply) before the announcement goes out: the announcement wakes followers to apply, and
+    they would compete with the reply for the CPU."""
+    log: list[str] = []
+    voter = AckingVoter(log)
+    async with leader(tmp_path, voter, election_tick=20) as driver:
+        voter.driver = driver
+        await until_applied(driver)
+        await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_VOTER, "b"))
+        assert driver.core.voters == {"solo", "b"}
+        await asyncio.sleep(0.05)  # the change's own commit announcement
+        log.clear()
+        first = driver.core.last_index + 1
+        for index in (first, first + 1):
+            await driver.propose(encode_records_cmd([b"x"]))
+            log.append(f"answered {index}")
+            for _ in range(100):  # until the announcement went out
+                if len(log) % 2 == 0:
+                    break
+                await asyncio.sleep(0.01)
+        assert log == [f"answered {first}", f"commit announced {first}",
+                       f"answered {first + 1}", f"commit announced {first + 1}"]
 
 
 class EarlyTimerLoop(asyncio.SelectorEventLoop):
