@@ -22,8 +22,10 @@ disk: the log's lowest index is <= snapshot index + 1 (no gap between snapshot a
 
 Thread-safety: one thread (the asyncio loop) calls everything except `sync()`, which may run in
 an executor thread concurrently with `append()` of NON-conflicting entries (the log supports
-exactly that). Truncating appends, `save_snapshot()` and `compact()` remove segment files, so
-the driver must not overlap them with an in-flight `sync()`.
+exactly that), and `write_snapshot()`, which touches only the snapshot file and may run in
+another thread concurrently with anything. Truncating appends, `save_snapshot()`,
+`adopt_snapshot()` and `compact()` remove segment files, so the driver must not overlap them
+with an in-flight `sync()`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import logging
 import mmap
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +59,10 @@ _TERM = struct.Struct(">Q")
 # everything before it.
 _HS_MAGIC = b"DCLH"
 _HS_HEADER = struct.Struct(">4sBQQBH")
+#: A snapshot file's data is flushed every this many bytes while it is written (see
+#: `replace_atomically`): the log's own fsyncs then never wait for more than this.
+_SYNC_EVERY = 8 << 20
+
 # Snapshot file: magic, version, index, term, voter count, learner count; then each id as
 # (u16 length, UTF-8); then data length (u64) and the data; then CRC32 of everything before.
 _SNAP_MAGIC = b"DCLS"
@@ -226,6 +233,9 @@ class RaftStorage:
         fsync_directory(self.directory)
 
         self._snapshot = self._read_snapshot()
+        self._write_lock = threading.Lock()
+        #: Index of the snapshot in the file (written, maybe not adopted yet).
+        self._written_index = self.snapshot_index
         stored = self._read_hard_state()
         self._hs = stored
         self._durable_hs = stored
@@ -389,10 +399,33 @@ class RaftStorage:
                 f"snapshot at {snapshot.meta.index} is older than the stored one at "
                 f"{self.snapshot_index}"
             )
-        path = self._snap_dir / _SNAP_FILE
-        replace_atomically(path, _encode_snapshot(snapshot))
+        self.write_snapshot(snapshot)
+        self.adopt_snapshot(snapshot)
+
+    def write_snapshot(self, snapshot: Snapshot) -> None:
+        """The first half of `save_snapshot`: make `snapshot` durable in the snapshot file,
+        touching nothing else. Safe in an executor thread while the loop appends to and syncs
+        the log; until `adopt_snapshot`, a restart still finds the log whole beside it."""
+        self._check_open()
+        with self._write_lock:
+            if snapshot.meta.index < self._written_index:
+                raise InvalidRequest(
+                    f"snapshot at {snapshot.meta.index} is older than the written one at "
+                    f"{self._written_index}"
+                )
+            replace_atomically(
+                self._snap_dir / _SNAP_FILE, _encode_snapshot(snapshot), sync_every=_SYNC_EVERY
+            )
+            self._written_index = snapshot.meta.index
+
+    def adopt_snapshot(self, snapshot: Snapshot) -> None:
+        """The second half of `save_snapshot`, once `write_snapshot(snapshot)` returned: hold
+        the file and cut the log to the snapshot. Not concurrently with `sync()`."""
+        self._check_open()
+        if snapshot.meta.index != self._written_index:
+            raise InvalidRequest(f"snapshot at {snapshot.meta.index} was not the last written")
         # Hold the file, not the caller's bytes (just written: no need to re-check the CRC).
-        self._snapshot = _map_snapshot(path, verify=False) or snapshot
+        self._snapshot = _map_snapshot(self._snap_dir / _SNAP_FILE, verify=False) or snapshot
         self._reconcile()
 
     def compact(self, index: int) -> None:

@@ -246,6 +246,38 @@ def test_log_reset_interrupted_after_removing_segments(tmp_path: Path) -> None:
         assert s.load()[2] == []
 
 
+def test_a_snapshot_written_in_a_thread_leaves_the_log_alone_until_adopted(
+    tmp_path: Path,
+) -> None:
+    """write_snapshot runs in an executor thread while the loop keeps appending and syncing
+    (a snapshot is written in the background); only adopt_snapshot, on the loop, cuts the
+    log. A restart in between finishes the cut, as after any snapshot write."""
+    with RaftStorage(tmp_path, max_segment_bytes=SMALL) as s:
+        s.append(make(1, 100))
+        s.sync()
+        written = snap(60, 1, os.urandom(3 * (8 << 20) // 2))  # past one flush step
+        writer = threading.Thread(target=s.write_snapshot, args=(written,))
+        writer.start()
+        for i in range(100, 400, 10):  # the loop goes on meanwhile
+            s.append(make(i, i + 10))
+            s.sync()
+        writer.join()
+        assert s.snapshot_index == 0 and s.first_index == 1  # not adopted: log whole
+        assert s.entries(1, 2) == make(1, 2)
+        with pytest.raises(InvalidRequest):
+            s.write_snapshot(snap(59, 1))  # never older than the one written
+        with pytest.raises(InvalidRequest):
+            s.adopt_snapshot(snap(70, 1))  # only the one written
+    with RaftStorage(tmp_path, max_segment_bytes=SMALL) as s:
+        _, snapshot, entries = s.load()
+        assert snapshot == written
+        assert entries == make(61, 400)
+    with RaftStorage(tmp_path, max_segment_bytes=SMALL) as s:
+        s.write_snapshot(snap(200, 1))
+        s.adopt_snapshot(snap(200, 1))
+        assert s.first_index == 201 and s.load()[2] == make(201, 400)
+
+
 def test_older_snapshot_rejected(tmp_path: Path) -> None:
     with RaftStorage(tmp_path) as s:
         s.save_snapshot(snap(10, 1))
