@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Protocol
 
 from dcl.errors import CommitTimeout, CorruptRecord, NotLeader, Unavailable
@@ -52,8 +52,10 @@ class Fsm(Protocol):
         """Replace the whole state with the snapshot's (durably)."""
         ...
 
-    def snapshot_data(self) -> bytes | memoryview:
-        """The state as of the last applied entry, as snapshot bytes."""
+    def snapshot_steps(self) -> Generator[bytes | memoryview | None, None, None]:
+        """The state as of the last applied entry, as snapshot bytes: captured at the call,
+        built while the iterator is advanced (None for each step of work, the bytes last).
+        Later applies may run between steps; a restore may not."""
         ...
 
     def checkpoint(self) -> None:
@@ -134,6 +136,12 @@ class RaftDriver:
         #: Called once if the loop stops on an error (the node can no longer take part).
         self.on_failed: Callable[[BaseException], None] = lambda exc: None
         self._snapshot_after = 0
+        #: A snapshot being built in the background: the task, then (index, data) to compact,
+        #: then (snapshot, its write in the executor) until the storage adopts it.
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._built: tuple[int, bytes | memoryview] | None = None
+        self._writing: tuple[Snapshot, asyncio.Future[None]] | None = None
+        self._snapshot_error: Exception | None = None
         self._next_tick = 0.0
         self._ticker: asyncio.TimerHandle | None = None
         self._last_role = self.core.role
@@ -148,6 +156,10 @@ class RaftDriver:
         self._wake.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self._drop_snapshot_in_progress()
+        except Exception:  # the write failed; the storage is closed next anyway
+            log.exception("snapshot write failed node=%s", self.node_id)
         self._fail_waiters(Unavailable("node is shutting down"))
 
     # ------------------------------------------------------------------ inputs
@@ -193,6 +205,12 @@ class RaftDriver:
     def status(self) -> Status:
         return self.core.status()
 
+    @property
+    def snapshot_in_progress(self) -> bool:
+        """A snapshot is being built or written in the background."""
+        return self._snapshot_task is not None or self._built is not None or (
+            self._writing is not None)
+
     # ------------------------------------------------------------------ internals
 
     def _check_running(self) -> None:
@@ -233,6 +251,13 @@ class RaftDriver:
                 self._tick_if_due(loop)
                 while self.core.has_ready() and not self._stopping:
                     await self._handle(self.core.ready())
+                # Between Readies: no fsync in flight, so the log may lose segments.
+                if self._snapshot_error is not None:
+                    raise self._snapshot_error
+                if self._built is not None:
+                    self._compact_built()
+                if self._writing is not None and self._writing[1].done():
+                    self._adopt_written()
                 role = self.core.role
                 if role is not self._last_role:
                     self._last_role = role
@@ -293,6 +318,9 @@ class RaftDriver:
         if send_early and rd.messages:
             self._transport.send(rd.messages)
         if rd.snapshot is not None:
+            # The leader's snapshot replaces our state: our own one in progress is moot (and
+            # its build must not read the commit log the restore below resets).
+            await self._drop_snapshot_in_progress()
             await self._persisting(
                 loop.run_in_executor(None, self._storage.save_snapshot, rd.snapshot))
             self._hold_saved_snapshot()
@@ -323,7 +351,7 @@ class RaftDriver:
             self._transport.send(rd.messages)
         self.core.advance(rd)
         if rd.committed_entries:
-            await self._maybe_snapshot()
+            self._maybe_snapshot()
 
     def _hold_saved_snapshot(self) -> None:
         """Keep the storage's file-mapped copy of the snapshot just saved, not its bytes."""
@@ -348,10 +376,10 @@ class RaftDriver:
         self.on_applied()
         return answered
 
-    async def _maybe_snapshot(self) -> None:
-        """Snapshot once the Raft log holds `snapshot_threshold_entries` entries AND at least
-        as many bytes as the last snapshot, or in any case once it holds
-        `snapshot_max_log_bytes`.
+    def _maybe_snapshot(self) -> None:
+        """Start a snapshot in the background once the Raft log holds
+        `snapshot_threshold_entries` entries AND at least as many bytes as the last snapshot,
+        or in any case once it holds `snapshot_max_log_bytes`.
 
         A snapshot copies the whole state, which only grows for a commit log: by entries
         alone, the cost of each snapshot would grow with the log while the interval stayed
@@ -359,8 +387,16 @@ class RaftDriver:
         held keeps the cost at about one byte read and written per byte appended. But the
         core holds the Raft log since the snapshot in memory, so the byte cap bounds that
         first: past it, memory wins over snapshot work.
+
+        Background, because a snapshot is as large as the commit log (seconds per GiB):
+        replication, commits and reads go on meanwhile. The build runs on the loop in steps
+        (the FSM is single-threaded) from state captured here; the write runs in the
+        executor, flushed as it goes so this node's own log fsyncs never wait for all of it.
+        One snapshot at a time.
         """
-        if self._snapshot_every <= 0:
+        if self._snapshot_every <= 0 or self._stopping:
+            return
+        if self.snapshot_in_progress:
             return
         applied = self.core.applied_index
         if applied < self._snapshot_after or applied < self.core.first_index:
@@ -371,11 +407,21 @@ class RaftDriver:
         )
         if not due and self._log_bytes < self._snapshot_max_log_bytes:
             return
+        steps = self._fsm.snapshot_steps()  # the state as of `applied`, captured now
+        self._snapshot_task = asyncio.get_running_loop().create_task(
+            self._build_snapshot(applied, steps), name="raft-snapshot")
+
+    async def _build_snapshot(
+        self, applied: int, steps: Generator[bytes | memoryview | None, None, None]
+    ) -> None:
         loop = asyncio.get_running_loop()
-        # The FSM must be durable up to `applied` before the raft log behind it is dropped.
-        await loop.run_in_executor(None, self._fsm.checkpoint)
         try:
-            data = self._fsm.snapshot_data()
+            # The FSM must be durable up to `applied` before the raft log behind it is dropped.
+            await loop.run_in_executor(None, self._fsm.checkpoint)
+            data: bytes | memoryview | None = None
+            for data in steps:
+                if data is None:
+                    await asyncio.sleep(0)
         except CorruptRecord:
             # Damaged state cannot be snapshotted (reads of it answer DATA_LOSS). Keep the
             # Raft log, which still holds those entries, and keep serving; try again after
@@ -383,10 +429,56 @@ class RaftDriver:
             log.exception("snapshot skipped node=%s index=%d", self.node_id, applied)
             self._snapshot_after = applied + self._snapshot_every
             return
+        except Exception as exc:  # a storage failure: the driver task stops on it
+            self._snapshot_error = exc
+            self._wake.set()
+            return
+        finally:
+            self._snapshot_task = None
+            steps.close()  # cancelled mid-build: the FSM drops its scratch file
+        assert data is not None
+        self._built = (applied, data)
+        self._wake.set()
+
+    def _compact_built(self) -> None:
+        """Hand the built snapshot to the core and start writing it to disk."""
+        assert self._built is not None
+        applied, data = self._built
+        self._built = None
+        held = self.core.snapshot
+        if held is not None and applied <= held.meta.index:
+            return  # a newer snapshot was installed meanwhile
         self.core.compact(applied, data)
-        self._log_bytes = 0
+        self._log_bytes = sum(
+            len(e.data) for e in self.core.entries(applied + 1, self.core.last_index + 1))
         snap = self.core.snapshot
-        if snap is not None:
-            await loop.run_in_executor(None, self._storage.save_snapshot, snap)
-            self._hold_saved_snapshot()
-            log.info("snapshot node=%s index=%d bytes=%d", self.node_id, applied, len(data))
+        assert snap is not None and snap.meta.index == applied
+        work = asyncio.get_running_loop().run_in_executor(
+            None, self._storage.write_snapshot, snap)
+        work.add_done_callback(lambda _: self._wake.set())
+        self._writing = (snap, work)
+
+    def _adopt_written(self) -> None:
+        """The snapshot file is durable: cut the Raft log on disk to it and hold the file."""
+        assert self._writing is not None
+        snap, work = self._writing
+        self._writing = None
+        work.result()  # a failed write stops the driver, as any storage failure does
+        self._storage.adopt_snapshot(snap)
+        self._hold_saved_snapshot()
+        log.info("snapshot node=%s index=%d bytes=%d", self.node_id, snap.meta.index,
+                 len(snap.data))
+
+    async def _drop_snapshot_in_progress(self) -> None:
+        """Stop a background snapshot: cancel its build; let its write finish and adopt it
+        (it is of this node's own applied state, so still valid, and older than anything
+        installed after it)."""
+        task = self._snapshot_task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self._snapshot_task = None  # also when cancelled before it ever ran
+        self._built = None
+        if self._writing is not None:
+            await asyncio.gather(self._writing[1], return_exceptions=True)
+            self._adopt_written()

@@ -25,7 +25,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -319,11 +319,24 @@ class LogFsm:
         return results
 
     def snapshot_data(self) -> memoryview:
-        """Address book, then every record of the commit log, length-prefixed.
+        """The whole snapshot in one go (see `snapshot_steps`)."""
+        for data in self.snapshot_steps():
+            if data is not None:
+                return data
+        raise AssertionError("snapshot_steps ends with the data")  # pragma: no cover
 
-        Written batch by batch to a scratch file, which is mapped and unlinked: the snapshot
-        is as large as the commit log, so it never goes on the heap. The mapping keeps the
-        file's blocks until its last holder lets go (RaftStorage then holds its own copy).
+    def snapshot_steps(self) -> Generator[memoryview | None, None, None]:
+        """Address book, then every record of the commit log, length-prefixed: the state as
+        of this call, built batch by batch as the iterator is advanced (None after each
+        batch of up to 8 MiB, then the data).
+
+        So the driver can build it between other work on the loop: later applies only
+        append past the end captured here. A restore must not run before the iterator is
+        exhausted or closed (it resets the log under it).
+
+        Written to a scratch file, which is mapped and unlinked: the snapshot is as large as
+        the commit log, so it never goes on the heap. The mapping keeps the file's blocks
+        until its last holder lets go (RaftStorage then holds its own copy).
 
         A record that fails its CRC here was damaged while the node ran, where the verified
         stamps cannot see it (bit rot changes no mtime): they are dropped, so the next open
@@ -331,18 +344,24 @@ class LogFsm:
         (no snapshot can be taken without the record).
         """
         book = json.dumps(self.addresses).encode()
-        offset, end = self.log.lowest_offset, self.log.next_offset
+        return self._build_snapshot(book, self.log.lowest_offset, self.log.next_offset)
+
+    def _build_snapshot(
+        self, book: bytes, offset: int, end: int
+    ) -> Generator[memoryview | None, None, None]:
         pack = _U32.pack
         out = open(self._build_path, "w+b", buffering=1 << 20)  # noqa: SIM115 - closed below
         try:
             out.write(_SNAP_HEADER.pack(offset, len(book)))
             out.write(book)
             while offset < end:
-                batch = self.log.read_batch(offset, 4096, 8 << 20)
+                batch = self.log.read_batch(offset, min(4096, end - offset), 8 << 20)
                 for record in batch:
                     out.write(pack(len(record)))
                     out.write(record)
                 offset += len(batch)
+                if offset < end:
+                    yield None
             out.flush()
             mapped = mmap.mmap(out.fileno(), 0, prot=mmap.PROT_READ)
         except CorruptRecord:
@@ -353,7 +372,7 @@ class LogFsm:
         finally:
             out.close()
             self._build_path.unlink(missing_ok=True)
-        return memoryview(mapped)
+        yield memoryview(mapped)
 
     def restore(self, snapshot: Snapshot) -> None:
         data = memoryview(snapshot.data)

@@ -28,6 +28,7 @@ from dcl.raft.types import (
     HeartbeatResponse,
     Message,
     Role,
+    Snapshot,
 )
 from dcl.server.replicated import LogFsm, encode_records_cmd
 
@@ -65,6 +66,15 @@ async def leader(
 async def solo(tmp_path: Path) -> AsyncIterator[RaftDriver]:
     async with leader(tmp_path) as driver:
         yield driver
+
+
+async def snapshot_settled(driver: RaftDriver) -> None:
+    """Until the background snapshot (if any) is built, compacted and written."""
+    for _ in range(500):
+        if not driver.snapshot_in_progress:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("snapshot still in progress after 5 s")
 
 
 async def until_applied(driver: RaftDriver) -> None:
@@ -167,6 +177,7 @@ async def test_snapshots_wait_for_as_many_new_bytes_as_the_last_one_held(
         async def append(count: int, size: int) -> None:
             for i in range(count):
                 await driver.propose(encode_records_cmd([bytes([i % 256]) * size]))
+                await snapshot_settled(driver)  # one entry at a time: a deterministic cadence
 
         await append(20, 10_000)  # 200 KB: a first snapshot, of about that size
         first = driver.core.snapshot
@@ -187,6 +198,7 @@ async def test_the_raft_log_held_in_memory_is_capped_whatever_the_entry_count(
         await until_applied(driver)
         for i in range(15):  # 150 KB in 15 entries: far below the count, over the cap
             await driver.propose(encode_records_cmd([bytes([i]) * 10_000]))
+            await snapshot_settled(driver)
         snap = driver.core.snapshot
         assert snap is not None and snap.meta.index >= 11
         held = sum(len(driver.core.entry(i).data)  # type: ignore[union-attr]
@@ -265,3 +277,73 @@ def test_the_clock_keeps_ticking_when_timers_fire_early(tmp_path: Path) -> None:
     finally:
         loop.close()
     assert role is Role.LEADER and term >= 1
+
+
+async def test_proposals_commit_while_a_snapshot_is_written(tmp_path: Path) -> None:
+    """Injected fault: writing the snapshot file takes 1 s. A snapshot is as large as the
+    commit log, so it is written in the background: proposals made meanwhile commit at
+    the usual pace, and the Raft log on disk is cut to the snapshot only once it is
+    durable."""
+    async with leader(tmp_path, snapshot_threshold_entries=5) as driver:
+        storage = driver._storage
+        await until_applied(driver)
+        real_write = storage.write_snapshot
+        writes: list[tuple[float, float]] = []
+
+        def slow_write(snapshot: Snapshot) -> None:
+            start = time.monotonic()
+            time.sleep(1.0)
+            real_write(snapshot)
+            writes.append((start, time.monotonic()))
+
+        storage.write_snapshot = slow_write  # type: ignore[method-assign]
+        for i in range(6):
+            await driver.propose(encode_records_cmd([bytes([i]) * 100]))
+        for _ in range(100):
+            if driver.snapshot_in_progress and driver.core.snapshot is not None:
+                break
+            await asyncio.sleep(0.01)
+        snap = driver.core.snapshot
+        assert snap is not None and driver.snapshot_in_progress
+        assert storage.snapshot_index < snap.meta.index  # not durable yet: log kept whole
+        assert storage.first_index == 1
+
+        latencies = []
+        for _ in range(20):
+            start = time.monotonic()
+            await driver.propose(encode_records_cmd([b"during"]))
+            latencies.append(time.monotonic() - start)
+        assert driver.snapshot_in_progress, "the write was supposed to take a second"
+        assert max(latencies) < 0.5, latencies
+
+        await snapshot_settled(driver)
+        assert writes and storage.snapshot_index == snap.meta.index
+        assert storage.first_index > 1  # cut to the snapshot once it was durable
+        assert driver.core.applied_index == driver.core.last_index
+
+
+async def test_stopping_waits_for_a_snapshot_being_written(tmp_path: Path) -> None:
+    async with leader(tmp_path, snapshot_threshold_entries=5) as driver:
+        storage = driver._storage
+        await until_applied(driver)
+        real_write = storage.write_snapshot
+
+        def slow_write(snapshot: Snapshot) -> None:
+            time.sleep(0.5)
+            real_write(snapshot)
+
+        storage.write_snapshot = slow_write  # type: ignore[method-assign]
+        for i in range(6):
+            await driver.propose(encode_records_cmd([bytes([i]) * 100]))
+        for _ in range(100):
+            if driver.core.snapshot is not None:
+                break
+            await asyncio.sleep(0.01)
+        index = driver.core.snapshot.meta.index  # type: ignore[union-attr]
+    # Stopped: the write finished and the storage adopted it before the store closed.
+    assert not driver.snapshot_in_progress
+    reopened = RaftStorage(tmp_path / "raft")
+    try:
+        assert reopened.snapshot_index == index
+    finally:
+        reopened.close()
