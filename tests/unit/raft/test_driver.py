@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,15 @@ from dcl.raft.types import (
     ConfChange,
     ConfChangeType,
     Config,
+    Entry,
+    EntryType,
     Heartbeat,
     HeartbeatResponse,
+    InstallSnapshot,
     Message,
     Role,
     Snapshot,
+    SnapshotMeta,
 )
 from dcl.server.replicated import LogFsm, encode_records_cmd
 
@@ -347,3 +351,74 @@ async def test_stopping_waits_for_a_snapshot_being_written(tmp_path: Path) -> No
         assert reopened.snapshot_index == index
     finally:
         reopened.close()
+
+
+async def test_a_snapshot_from_the_leader_cancels_the_local_one_being_built(
+    tmp_path: Path,
+) -> None:
+    """A follower is building its own snapshot when the leader's arrives (it fell behind
+    the leader's log start). The build is cancelled before the restore resets the commit
+    log under it; the node ends up exactly on the leader's state and keeps going."""
+    # The leader's state at index 100: records 0..29 in another node's commit log.
+    source = LogFsm(tmp_path / "source")
+    values = [bytes([i]) * 50 for i in range(30)]
+    source.apply([Entry(1, 100, EntryType.NORMAL, encode_records_cmd(values))])
+    leaders_state = bytes(source.snapshot_data())
+    expected = [source.log.read(o) for o in range(source.log.next_offset)]
+    source.close()
+
+    fsm = LogFsm(tmp_path / "fsm")
+    storage = RaftStorage(tmp_path / "raft")
+    driver = RaftDriver("f", storage, fsm, Recording(), config=Config(election_tick=50),
+                        tick_seconds=0.01, snapshot_threshold_entries=5)
+    build = {"steps": 0, "closed": False}
+    real_steps = fsm.snapshot_steps
+
+    def slow_steps() -> Generator[memoryview | None, None, None]:
+        inner = real_steps()
+        try:
+            for _ in range(100):  # about a second of building, in steps
+                time.sleep(0.01)
+                build["steps"] += 1
+                yield None
+            yield from inner
+        finally:
+            build["closed"] = True
+            inner.close()
+
+    fsm.snapshot_steps = slow_steps  # type: ignore[method-assign]
+    driver.start()
+    try:
+        conf = [Entry(1, i + 1, EntryType.CONF_CHANGE,
+                      ConfChange(ConfChangeType.ADD_VOTER, node).encode())
+                for i, node in enumerate(("L", "f"))]
+        records = [Entry(1, i, EntryType.NORMAL, encode_records_cmd([b"old"]))
+                   for i in range(3, 11)]
+        driver.receive(AppendEntries(1, "L", "f", 0, 0, (*conf, *records), 10))
+        for _ in range(200):
+            if build["steps"] >= 5:
+                break
+            await asyncio.sleep(0.01)
+        assert build["steps"] >= 5 and driver.snapshot_in_progress, "no local build started"
+
+        meta = SnapshotMeta(100, 1, frozenset({"L", "f"}))
+        driver.receive(InstallSnapshot(1, "L", "f", meta, 0, leaders_state, True))
+        for _ in range(200):
+            if fsm.applied_index == 100 and not driver.snapshot_in_progress:
+                break
+            await asyncio.sleep(0.01)
+        assert build["closed"] and build["steps"] < 100, "the local build was not cancelled"
+        assert fsm.applied_index == 100 and storage.snapshot_index == 100
+        assert [fsm.log.read(o) for o in range(fsm.log.next_offset)] == expected
+
+        driver.receive(AppendEntries(1, "L", "f", 100, 1, (
+            Entry(1, 101, EntryType.NORMAL, encode_records_cmd([b"new"])),), 101))
+        for _ in range(200):
+            if fsm.applied_index == 101:
+                break
+            await asyncio.sleep(0.01)
+        assert fsm.log.next_offset == 31
+    finally:
+        await driver.stop()
+        storage.close()
+        fsm.close()
