@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                              "demonstration that loses acked writes, never a default)")
     parser.add_argument("--snapshot-threshold", type=int, default=1000,
                         help="applied Raft entries between snapshots on each node")
+    parser.add_argument("--snapshot-log-bytes", type=int, default=256 << 10,
+                        help="Raft-log bytes after which each node snapshots anyway")
     parser.add_argument("--cover", action="store_true",
                         help="go on past --duration until every fault kind was injected")
     parser.add_argument("--verbose", action="store_true", help="log each fault")
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix=f"dcl-chaos-{args.seed}-"))
     config = ChaosConfig(duration=args.duration, seed=args.seed, workdir=workdir,
                          nodes=args.nodes, kinds=kinds, cover=args.cover,
-                         snapshot_threshold=args.snapshot_threshold)
+                         snapshot_threshold=args.snapshot_threshold,
+                         snapshot_log_bytes=args.snapshot_log_bytes)
     result = asyncio.run(run_chaos(config))
     print(format_summary(result))
     print(json.dumps(result.to_json(), separators=(",", ":")))

@@ -53,6 +53,9 @@ class ChaosConfig:
     segment_bytes: int = 32 << 10
     #: Low, so snapshots, log compaction and InstallSnapshot to lagging nodes happen often.
     snapshot_threshold: int = 1000
+    #: Small for the same reason: the threshold alone also waits for as many new bytes as
+    #: the last snapshot held, which the workload's small values reach only rarely.
+    snapshot_log_bytes: int = 256 << 10
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
 
@@ -107,7 +110,8 @@ async def run_chaos(config: ChaosConfig) -> ChaosResult:
                 await proxy.start()
                 proxies[(a.name, b.name)] = proxy
                 a.extra_args += ["--peer-dial-override", f"{b.name}=127.0.0.1:{proxy.port}"]
-        a.extra_args += ["--segment-bytes", str(config.segment_bytes)]
+        a.extra_args += ["--segment-bytes", str(config.segment_bytes),
+                         "--snapshot-log-bytes", str(config.snapshot_log_bytes)]
     nemesis = Nemesis(cluster, proxies, history, config.seed, config.kinds)
     ssl_context = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
     workload = Workload(history, [(n.name, n.rpc_addr) for n in cluster.nodes], ssl_context,
