@@ -456,3 +456,28 @@ async def test_a_leader_puts_appends_on_the_wire_before_its_own_fsync(tmp_path: 
         await driver.propose(encode_records_cmd([b"x"]))
         mine = [e for e in log if e.endswith(f" {index}") and not e.startswith("commit")]
         assert mine == [f"on the wire {index}", f"persisting {index}"]
+
+
+async def test_a_snapshot_write_that_fails_stops_the_driver_cleanly(tmp_path: Path) -> None:
+    """Injected fault: the disk is full when the background snapshot is written. As for any
+    storage failure the node stops taking part (it cannot promise durability), and says so:
+    on_failed fires once and proposals get Unavailable instead of hanging."""
+    failures: list[BaseException] = []
+    async with leader(tmp_path, snapshot_threshold_entries=5) as driver:
+        driver.on_failed = failures.append
+        await until_applied(driver)
+
+        def full_disk(snapshot: Snapshot) -> None:
+            raise OSError(28, "No space left on device")
+
+        driver._storage.write_snapshot = full_disk  # type: ignore[method-assign]
+        with contextlib.suppress(Unavailable):
+            for i in range(10):
+                await driver.propose(encode_records_cmd([bytes([i])]))
+        for _ in range(200):
+            if failures:
+                break
+            await asyncio.sleep(0.01)
+        assert len(failures) == 1 and isinstance(failures[0], OSError)
+        with pytest.raises(Unavailable):
+            await driver.propose(encode_records_cmd([b"after"]))
