@@ -396,7 +396,8 @@ class RaftDriver:
         Background, because a snapshot is as large as the commit log (seconds per GiB):
         replication, commits and reads go on meanwhile. The build runs on the loop in steps
         (the FSM is single-threaded) from state captured here; the write runs in the
-        executor, flushed as it goes so this node's own log fsyncs never wait for all of it.
+        executor, flushed as it goes so this node's own log fsyncs never wait for all of it
+        (see dcl.storage.files.replace_atomically).
         One snapshot at a time.
         """
         if self._snapshot_every <= 0 or self._stopping:

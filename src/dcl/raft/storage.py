@@ -60,7 +60,7 @@ _TERM = struct.Struct(">Q")
 _HS_MAGIC = b"DCLH"
 _HS_HEADER = struct.Struct(">4sBQQBH")
 #: A snapshot file's data is flushed every this many bytes while it is written (see
-#: `replace_atomically`): the log's own fsyncs then never wait for more than this.
+#: `replace_atomically`): the log's own fsyncs then wait for at most about this much.
 _SYNC_EVERY = 8 << 20
 
 # Snapshot file: magic, version, index, term, voter count, learner count; then each id as

@@ -30,9 +30,10 @@ def replace_atomically(
     once this returns.
 
     `sync_every` > 0 flushes the data every that many bytes on the way. For large files
-    written beside a latency-critical log on the same file system: ext4 (data=ordered)
-    makes the log's next fsync wait for every dirty block of the big file, so without this
-    one small fsync could wait for a whole snapshot to reach the disk."""
+    written beside a latency-critical log on the same disk: a small fsync of the log that
+    meets the big file's final fsync waits for all of its dirty data. Measured here, 512
+    MiB written beside a log doing small fsyncs: without it one of them took 99-148 ms;
+    with 8 MiB steps none took over 8 ms (3 ms typical while the write lasts)."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     step = sync_every if sync_every > 0 else 1 << 62
