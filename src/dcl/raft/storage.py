@@ -61,7 +61,7 @@ _HS_MAGIC = b"DCLH"
 _HS_HEADER = struct.Struct(">4sBQQBH")
 #: A snapshot file's data is flushed every this many bytes while it is written (see
 #: `replace_atomically`): the log's own fsyncs then wait for at most about this much.
-_SYNC_EVERY = 8 << 20
+_SYNC_EVERY = 1 << 20
 
 # Snapshot file: magic, version, index, term, voter count, learner count; then each id as
 # (u16 length, UTF-8); then data length (u64) and the data; then CRC32 of everything before.

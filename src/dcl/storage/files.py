@@ -33,7 +33,8 @@ def replace_atomically(
     written beside a latency-critical log on the same disk: a small fsync of the log that
     meets the big file's final fsync waits for all of its dirty data. Measured here, 512
     MiB written beside a log doing small fsyncs: without it one of them took 99-148 ms;
-    with 8 MiB steps none took over 8 ms (3 ms typical while the write lasts)."""
+    with steps of 8 / 2 / 1 MiB the worst took 8 / 2 / 1 ms (typical 3 / 0.75 / 0.27 ms
+    while the write lasts), and the write itself 0.34 / 0.37 / 0.41 s."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     step = sync_every if sync_every > 0 else 1 << 62

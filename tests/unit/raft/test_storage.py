@@ -255,7 +255,7 @@ def test_a_snapshot_written_in_a_thread_leaves_the_log_alone_until_adopted(
     with RaftStorage(tmp_path, max_segment_bytes=SMALL) as s:
         s.append(make(1, 100))
         s.sync()
-        written = snap(60, 1, os.urandom(3 * (8 << 20) // 2))  # past one flush step
+        written = snap(60, 1, os.urandom(5 << 19))  # 2.5 MiB: past two flush steps
         writer = threading.Thread(target=s.write_snapshot, args=(written,))
         writer.start()
         for i in range(100, 400, 10):  # the loop goes on meanwhile
