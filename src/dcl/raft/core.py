@@ -182,6 +182,10 @@ class _Progress:
         self.inflights.clear()
 
 
+def _payload_bytes(entries: Sequence[Entry]) -> int:
+    return sum(len(e.data) for e in entries)
+
+
 def _apply_conf_change(
     cc: ConfChange, voters: frozenset[NodeId], learners: frozenset[NodeId]
 ) -> tuple[frozenset[NodeId], frozenset[NodeId]]:
@@ -262,6 +266,8 @@ class RaftNode:
             self._log.append(e)
             expected += 1
         self._record_conf_entries(self._log)
+        #: Payload bytes of the entries in `_log`: what the log costs in memory.
+        self._log_bytes = _payload_bytes(self._log)
 
         last = self.last_index
         self._persisted_index = last
@@ -282,6 +288,7 @@ class RaftNode:
                     for i, v in enumerate(voters)
                 ]
                 self._log.extend(boot)
+                self._log_bytes += _payload_bytes(boot)
                 self._record_conf_entries(boot)
                 self._commit = len(boot)
                 self._prev_hs = (0, None, 0)
@@ -347,6 +354,11 @@ class RaftNode:
     @property
     def last_index(self) -> int:
         return self._snap_index + len(self._log)
+
+    @property
+    def log_bytes(self) -> int:
+        """Payload bytes of the entries held after the snapshot: the log's cost in memory."""
+        return self._log_bytes
 
     @property
     def last_term(self) -> int:
@@ -568,7 +580,9 @@ class RaftNode:
                 pos = i
         _, voters, learners = self._conf[pos]
         self._conf = [(index, voters, learners), *self._conf[pos + 1 :]]
-        del self._log[: index - self._snap_index]
+        dropped = index - self._snap_index
+        self._log_bytes -= _payload_bytes(self._log[:dropped])
+        del self._log[:dropped]
         self._snap_index = index
         self._snap_term = term
         self._snap = Snapshot(SnapshotMeta(index, term, voters, learners), data)
@@ -827,6 +841,7 @@ class RaftNode:
         """Leader appends its own entries; sending is deferred to the next has_ready/ready so
         all proposals since the last Ready share one AppendEntries per follower."""
         self._log.extend(new)
+        self._log_bytes += _payload_bytes(new)
         if self._record_conf_entries(new):
             self._on_membership_changed()
         self._need_bcast = True
@@ -849,7 +864,9 @@ class RaftNode:
             raise SafetyViolation(
                 f"node {self.id} asked to truncate at {index} <= commit {self._commit}"
             )
-        del self._log[index - self._snap_index - 1 :]
+        cut = index - self._snap_index - 1
+        self._log_bytes -= _payload_bytes(self._log[cut:])
+        del self._log[cut:]
         self._handed_index = min(self._handed_index, index - 1)
         self._persisted_index = min(self._persisted_index, index - 1)
         if self._conf[-1][0] >= index:
@@ -1146,6 +1163,7 @@ class RaftNode:
             if not new:
                 return
         log_.extend(new)
+        self._log_bytes += _payload_bytes(new)
         if self._record_conf_entries(new):
             self._on_membership_changed()
 
@@ -1313,6 +1331,7 @@ class RaftNode:
         self._snap_index = meta.index
         self._snap_term = meta.term
         self._log = []
+        self._log_bytes = 0
         self._commit = meta.index
         self._applied_handed = meta.index
         self._handed_index = meta.index

@@ -123,8 +123,6 @@ class RaftDriver:
         self._commit_timeout = commit_timeout
         self._snapshot_every = snapshot_threshold_entries
         self._snapshot_max_log_bytes = snapshot_max_log_bytes
-        #: Entry bytes in the Raft log since the snapshot (see `_maybe_snapshot`).
-        self._log_bytes = sum(len(e.data) for e in entries)
         self._wake = asyncio.Event()
         #: index -> (term, settle(error, result), commit-timeout timer), one per proposal.
         self._waiters: dict[int, tuple[int, _Settle, asyncio.TimerHandle]] = {}
@@ -329,10 +327,8 @@ class RaftDriver:
             await self._persisting(
                 loop.run_in_executor(None, self._storage.save_snapshot, rd.snapshot))
             self._hold_saved_snapshot()
-            self._log_bytes = 0
         if rd.entries:
             self._storage.append(rd.entries)
-            self._log_bytes += sum(len(e.data) for e in rd.entries)
         if rd.hard_state is not None:
             self._storage.set_hard_state(rd.hard_state)
         if rd.entries:
@@ -350,8 +346,8 @@ class RaftDriver:
                 # The proposers just answered write their replies in the next loop turn;
                 # a commit announcement sent now would wake every follower to apply first,
                 # and on a busy machine they compete with the reply for the CPU. One turn's
-                # wait puts the reply on the wire first: one-at-a-time Produce p50 2.25 ->
-                # 2.0 ms on 3 nodes sharing 2 cores. Replication (entries) never waits.
+                # wait puts the reply on the wire first: one-at-a-time Produce p50 2.13 ->
+                # 2.02 ms on 3 nodes sharing 2 cores. Replication (entries) never waits.
                 await asyncio.sleep(0)
             self._transport.send(rd.messages)
         self.core.advance(rd)
@@ -389,7 +385,8 @@ class RaftDriver:
         A snapshot copies the whole state, which only grows for a commit log: by entries
         alone, the cost of each snapshot would grow with the log while the interval stayed
         fixed (quadratic work over time). Waiting for as many new bytes as the last snapshot
-        held keeps the cost at about one byte read and written per byte appended. But the
+        held doubles the size from one to the next, so each byte appended is copied about
+        twice over the log's life. But the
         core holds the Raft log since the snapshot in memory, so the byte cap bounds that
         first: past it, memory wins over snapshot work.
 
@@ -408,10 +405,11 @@ class RaftDriver:
         if applied < self._snapshot_after or applied < self.core.first_index:
             return
         held = self.core.snapshot
+        log_bytes = self.core.log_bytes
         due = applied - self.core.first_index + 1 >= self._snapshot_every and (
-            held is None or self._log_bytes >= len(held.data)
+            held is None or log_bytes >= len(held.data)
         )
-        if not due and self._log_bytes < self._snapshot_max_log_bytes:
+        if not due and log_bytes < self._snapshot_max_log_bytes:
             return
         steps = self._fsm.snapshot_steps()  # the state as of `applied`, captured now
         self._snapshot_task = asyncio.get_running_loop().create_task(
@@ -455,8 +453,6 @@ class RaftDriver:
         if held is not None and applied <= held.meta.index:
             return  # a newer snapshot was installed meanwhile
         self.core.compact(applied, data)
-        self._log_bytes = sum(
-            len(e.data) for e in self.core.entries(applied + 1, self.core.last_index + 1))
         snap = self.core.snapshot
         assert snap is not None and snap.meta.index == applied
         work = asyncio.get_running_loop().run_in_executor(

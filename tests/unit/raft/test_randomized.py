@@ -32,6 +32,8 @@ class Checker:
                 assert prev == nid, f"two leaders in term {n.term}: {prev}, {nid}"
             assert n.applied_index <= n.commit_index <= n.last_index
             assert n.first_index - 1 <= n.commit_index
+            held = n.entries(n.first_index, n.last_index + 1)
+            assert n.log_bytes == sum(len(e.data) for e in held), "log_bytes out of step"
 
 
 def run(seed: int, steps: int, n_nodes: int = 3, pre_vote: bool = True) -> Checker:
