@@ -72,6 +72,14 @@ class Transport(Protocol):
 #: How a proposal's outcome is delivered: (error, None) or (None, the FSM's result).
 _Settle = Callable[[BaseException | None, Any], None]
 
+#: A follower fsyncs an append up to this size on the loop thread instead of in the
+#: executor. Such an fsync costs about 0.13 ms here, less than the hand-off to a thread and
+#: back (futex wake-ups and GIL ping-pong): follower CPU per one-at-a-time Produce 600 ->
+#: 470 us, p50 1.83 -> 1.65 ms. A follower waits for the fsync before it acknowledges
+#: anyway, and data arriving meanwhile queues in the socket and joins the next group
+#: commit. Larger appends take the executor so that reads are not stalled for their fsync.
+INLINE_SYNC_BYTES = 64 << 10
+
 
 def _resolver(fut: asyncio.Future[Any]) -> _Settle:
     """Settle `fut` (unless its awaiter already gave up on it)."""
@@ -332,7 +340,12 @@ class RaftDriver:
         if rd.hard_state is not None:
             self._storage.set_hard_state(rd.hard_state)
         if rd.entries:
-            await self._persisting(loop.run_in_executor(None, self._storage.sync))
+            if self.core.role is not Role.LEADER and (
+                sum(len(e.data) for e in rd.entries) <= INLINE_SYNC_BYTES
+            ):
+                self._storage.sync()
+            else:
+                await self._persisting(loop.run_in_executor(None, self._storage.sync))
         if not rd.send_before_persist and rd.messages:
             self._transport.send(rd.messages)
         if rd.snapshot is not None:

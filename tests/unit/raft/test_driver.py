@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Generator, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from dcl.errors import CommitTimeout, NotLeader, Unavailable
-from dcl.raft.driver import RaftDriver, Transport
+from dcl.raft.driver import INLINE_SYNC_BYTES, RaftDriver, Transport
 from dcl.raft.storage import RaftStorage
 from dcl.raft.types import (
     AppendEntries,
@@ -481,3 +482,52 @@ async def test_a_snapshot_write_that_fails_stops_the_driver_cleanly(tmp_path: Pa
         assert len(failures) == 1 and isinstance(failures[0], OSError)
         with pytest.raises(Unavailable):
             await driver.propose(encode_records_cmd([b"after"]))
+
+
+@pytest.mark.parametrize("size", [100, INLINE_SYNC_BYTES + 1])
+async def test_a_follower_acknowledges_an_append_only_after_its_fsync(
+    tmp_path: Path, size: int
+) -> None:
+    """Whichever thread runs it (the loop's for a small append, the executor's for a large
+    one), a follower's fsync finishes before its acknowledgement goes out."""
+    log: list[str] = []
+    fsm = LogFsm(tmp_path / "fsm")
+    storage = RaftStorage(tmp_path / "raft")
+
+    class Acks:
+        def send(self, messages: Sequence[Message]) -> None:
+            log.extend(f"ack {m.index}" for m in messages if isinstance(m, AppendResponse))
+
+    real_sync = storage.sync
+
+    def sync() -> None:
+        on_loop = threading.get_ident() == loop_thread
+        real_sync()
+        log.append(f"synced {storage.last_index} on {'loop' if on_loop else 'executor'}")
+
+    storage.sync = sync  # type: ignore[method-assign]
+    loop_thread = threading.get_ident()
+    driver = RaftDriver("f", storage, fsm, Acks(), config=Config(election_tick=50),
+                        tick_seconds=0.01)
+    driver.start()
+    try:
+        conf = [Entry(1, i + 1, EntryType.CONF_CHANGE,
+                      ConfChange(ConfChangeType.ADD_VOTER, node).encode())
+                for i, node in enumerate(("L", "f"))]
+        driver.receive(AppendEntries(1, "L", "f", 0, 0, tuple(conf), 0))
+        for _ in range(200):
+            if "ack 2" in log:
+                break
+            await asyncio.sleep(0.01)
+        driver.receive(AppendEntries(1, "L", "f", 2, 1, (
+            Entry(1, 3, EntryType.NORMAL, encode_records_cmd([b"v" * size])),), 0))
+        for _ in range(200):
+            if "ack 3" in log:
+                break
+            await asyncio.sleep(0.01)
+        where = "loop" if size <= INLINE_SYNC_BYTES else "executor"
+        assert log == ["synced 2 on loop", "ack 2", f"synced 3 on {where}", "ack 3"]
+    finally:
+        await driver.stop()
+        storage.close()
+        fsm.close()
