@@ -48,6 +48,8 @@ CMD_RECORDS = 1
 CMD_PEER_ADDRESS = 2
 _U32 = struct.Struct(">I")
 _SNAP_HEADER = struct.Struct(">QI")  # first offset, address-book JSON length
+#: A restore appends the snapshot's records in runs of about this many bytes.
+_RESTORE_RUN_BYTES = 8 << 20
 
 
 #: Raft entries read per batch when re-applying them from local storage.
@@ -375,21 +377,43 @@ class LogFsm:
         yield memoryview(mapped)
 
     def restore(self, snapshot: Snapshot) -> None:
+        """Reset the commit log to the snapshot's records, starting at its first offset.
+
+        The records are appended in runs of about `_RESTORE_RUN_BYTES`, sliced out of the
+        snapshot's buffer (a file mapping once stored): a snapshot is as large as the commit
+        log, and a copy of every record on the heap would double a catching-up node's memory.
+        The framing is checked in full before the log is touched, so a malformed snapshot
+        leaves the old state in place.
+        """
         data = memoryview(snapshot.data)
         first, book_len = _SNAP_HEADER.unpack_from(data, 0)
         pos = _SNAP_HEADER.size
         self.addresses = json.loads(bytes(data[pos : pos + book_len]))
         pos += book_len
-        records: list[bytes] = []
-        while pos < len(data):
-            (n,) = _U32.unpack_from(data, pos)
-            records.append(bytes(data[pos + 4 : pos + 4 + n]))
-            pos += 4 + n
+        start = pos
+        unpack = _U32.unpack_from
+        size = len(data)
+        while pos < size:
+            if pos + 4 > size or pos + 4 + unpack(data, pos)[0] > size:
+                raise CorruptRecord("snapshot", pos, f"record framing runs past the end ({size})")
+            pos += 4 + unpack(data, pos)[0]
         with self._checkpoint_lock:  # no checkpoint may pair the old marks with the new log
             self._rebuild_to = None
             self.log.reset(first)
-            if records:
-                self.log.append_batch(records)
+            pos = start
+            run: list[memoryview] = []
+            run_bytes = 0
+            while pos < size:
+                (n,) = unpack(data, pos)
+                run.append(data[pos + 4 : pos + 4 + n])
+                run_bytes += n
+                pos += 4 + n
+                if run_bytes >= _RESTORE_RUN_BYTES:
+                    self.log.append_batch(run)
+                    run = []
+                    run_bytes = 0
+            if run:
+                self.log.append_batch(run)
             self.applied_index = snapshot.meta.index
             self._mark = (self.applied_index, self.log.next_offset)
             self._checkpointed = (-1, -1)

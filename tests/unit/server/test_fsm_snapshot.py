@@ -7,8 +7,13 @@ it would hold records its Raft log also replays (offsets twice).
 
 from __future__ import annotations
 
+import mmap
+import tracemalloc
 from pathlib import Path
 
+import pytest
+
+from dcl.errors import CorruptRecord
 from dcl.raft.types import Entry, EntryType, Snapshot, SnapshotMeta
 from dcl.server.replicated import LogFsm, encode_address_cmd, encode_records_cmd
 
@@ -52,4 +57,62 @@ def test_a_build_closed_midway_leaves_no_scratch_file(tmp_path: Path) -> None:
     assert (tmp_path / "node" / "snapshot.build").exists()
     steps.close()  # the driver cancels a build when the leader's snapshot arrives
     assert not (tmp_path / "node" / "snapshot.build").exists()
+    fsm.close()
+
+
+def _snapshot_of(
+    tmp_path: Path, name: str, count: int, size: int
+) -> tuple[Snapshot, dict[int, bytes]]:
+    """A snapshot of `count` records of `size` bytes, mapped from a file as a stored one is,
+    and a sample of its records by offset."""
+    fsm = LogFsm(tmp_path / name)
+    for start in range(0, count, 10_000):
+        stop = min(count, start + 10_000)
+        values = [i.to_bytes(4, "big") * (size // 4) for i in range(start, stop)]
+        fsm.apply([Entry(1, 2 + start // 10_000, EntryType.NORMAL, encode_records_cmd(values))])
+    *_, data = fsm.snapshot_steps()
+    assert data is not None
+    sample = {o: fsm.log.read(o) for o in range(0, count, max(1, count // 50))}
+    sample[count - 1] = fsm.log.read(count - 1)
+    fsm.close()
+    path = tmp_path / f"{name}.snap"
+    path.write_bytes(data)
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    return Snapshot(SnapshotMeta(100, 1, frozenset({"a"})), memoryview(mapped)), sample
+
+
+def test_restoring_a_large_snapshot_does_not_copy_the_log_onto_the_heap(tmp_path: Path) -> None:
+    """64 MiB of records restored from a mapped snapshot: the heap grows by a run of
+    records at a time, not by the log's size (a catching-up node must not need RAM for
+    its whole log)."""
+    snapshot, sample = _snapshot_of(tmp_path, "leader", 64 * 1024, 1024)
+    follower = LogFsm(tmp_path / "follower")
+    tracemalloc.start()
+    try:
+        follower.restore(snapshot)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 << 20, f"restore peaked at {peak >> 20} MiB of heap for 64 MiB of records"
+    assert follower.log.lowest_offset == 0 and follower.log.next_offset == 64 * 1024
+    assert {o: follower.log.read(o) for o in sample} == sample
+    assert follower.applied_index == 100
+    follower.close()
+
+
+def test_a_malformed_snapshot_is_refused_before_the_log_is_reset(tmp_path: Path) -> None:
+    """A snapshot cut short inside its last record raises CorruptRecord and leaves the
+    node's state as it was (nothing half-restored)."""
+    whole, sample = _snapshot_of(tmp_path, "leader", 100, 100)
+    cut = Snapshot(whole.meta, bytes(whole.data[:-10]))
+    fsm = LogFsm(tmp_path / "node")
+    fsm.apply([Entry(1, 1, EntryType.NORMAL, encode_records_cmd([b"mine"]))])
+    mine = records(fsm)
+    with pytest.raises(CorruptRecord, match="past the end"):
+        fsm.restore(cut)
+    assert records(fsm) == mine and fsm.applied_index == 1
+    fsm.restore(whole)
+    assert fsm.log.next_offset == 100 and fsm.applied_index == 100
+    assert {o: fsm.log.read(o) for o in sample} == sample
     fsm.close()
