@@ -260,6 +260,49 @@ async def test_a_proposer_is_answered_before_the_commit_is_announced(tmp_path: P
                        f"answered {first + 1}", f"commit announced {first + 1}"]
 
 
+async def test_the_proposer_is_answered_first_also_while_a_follower_lags(
+    tmp_path: Path,
+) -> None:
+    """Three voters; "c" acknowledges 30 ms late, so the entry commits on b's ack while c
+    still owes one. The new commit index then reaches c in an empty append that asks for an
+    answer, not a bare announcement: the proposer must still be answered first. This is
+    the usual case with one-at-a-time writes (one follower is always the slower)."""
+    log: list[str] = []
+    voter = AckingVoter(log)
+    acking_send = voter.send
+
+    def send(messages: Sequence[Message]) -> None:
+        loop = asyncio.get_running_loop()
+        for m in messages:
+            if not isinstance(m, AppendEntries) or m.dst != "c":
+                continue
+            if not m.entries and m.commit:
+                log.append(f"commit {m.commit} sent to c")
+            if m.want_response and voter.driver is not None:
+                ack = AppendResponse(m.term, "c", m.src, m.prev_index + len(m.entries))
+                loop.call_later(0.03, voter.driver.receive, ack)
+        acking_send([m for m in messages if m.dst == "b"])
+
+    voter.send = send  # type: ignore[method-assign]
+    async with leader(tmp_path, voter, election_tick=20) as driver:
+        voter.driver = driver
+        await until_applied(driver)
+        await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_VOTER, "b"))
+        await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_VOTER, "c"))
+        assert driver.core.voters == {"solo", "b", "c"}
+        await asyncio.sleep(0.1)  # c caught up
+        log.clear()
+        index = driver.core.last_index + 1
+        await driver.propose(encode_records_cmd([b"x"]))
+        log.append(f"answered {index}")
+        for _ in range(100):
+            if f"commit {index} sent to c" in log:
+                break
+            await asyncio.sleep(0.01)
+        assert [e for e in log if "answered" in e or "to c" in e] == [
+            f"answered {index}", f"commit {index} sent to c"]
+
+
 class EarlyTimerLoop(asyncio.SelectorEventLoop):
     """Fires every timer 2 ms before its deadline, as uvloop can (it rounds to milliseconds)."""
 
