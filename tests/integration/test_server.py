@@ -260,3 +260,23 @@ async def test_a_message_declaring_a_gigabyte_is_refused_from_its_header(
         assert "1073741824" in (info.value.message or "")
         assert node.backend.next_offset == 0
         assert (await stub.Produce(produce_request(b"still serving"))).offset == 0
+
+
+async def test_a_stream_reset_by_the_client_while_the_server_closes_logs_no_error(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The peer resets its stream just as this server begins to close (a cluster shutting
+    down: every node's Raft streams end at once). The handler then cannot send its
+    "shutting down" status; that is an ordinary cancel, not grpclib's ERROR "Failed to
+    handle cancellation" with a traceback in the operator's log."""
+    stub = log_grpc.LogStub(node.channel())
+    async with stub.ConsumeStream.open() as stream:
+        await stream.send_message(log_pb2.ConsumeRequest(offset=0), end=True)
+        await eventually(lambda: node.server.active_calls == 1)
+        node.server._closing = True  # the interleaving: close() has begun, tasks not yet cancelled
+        with caplog.at_level("INFO"):
+            await stream.cancel()
+            await eventually(lambda: node.server.active_calls == 0)
+            await asyncio.sleep(0.05)
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not errors, [r.getMessage() for r in errors]

@@ -64,8 +64,8 @@ def grpc_status(exc: BaseException) -> tuple[Status, str, dict[str, str]]:
     return Status.INTERNAL, "internal error", {}
 
 
-async def send_error(stream: Stream[Any, Any], exc: BaseException) -> None:
-    """Finish stream with the status exc maps to.
+async def send_error(stream: Stream[Any, Any], exc: BaseException) -> bool:
+    """Finish stream with the status exc maps to; False if the client was already gone.
 
     Unexpected (non-DclError) exceptions are logged with their traceback: they are bugs, and
     the server keeps serving other calls. A client that already went away cannot receive the
@@ -80,3 +80,5 @@ async def send_error(stream: Stream[Any, Any], exc: BaseException) -> None:
         )
     except (ProtocolError, StreamTerminatedError, h2.exceptions.StreamClosedError) as err:
         log.debug("could not send error status=%s: %s", status.name, err)
+        return False
+    return True

@@ -222,7 +222,11 @@ class DclServer:
                 if not self._closing:
                     raise  # client cancel or deadline: grpclib answers for it
                 # Our own shutdown: tell the client so it can fail over, instead of hanging.
-                await send_error(stream, Unavailable("server is shutting down"))
+                if not await send_error(stream, Unavailable("server is shutting down")):
+                    # The client reset the stream meanwhile (grpclib cancelled us for it):
+                    # finish as a cancel, or grpclib logs its "Failed to handle
+                    # cancellation" ERROR with a traceback.
+                    raise
             except Exception as exc:
                 await send_error(stream, exc)
             finally:
