@@ -42,7 +42,8 @@ due), so followers apply without waiting for a heartbeat.
 Snapshot data flow: the application passes the snapshot bytes to `compact(index, data)` after
 making them durable itself; the core keeps the latest snapshot in memory and streams it in
 `InstallSnapshot` chunks of `Config.snapshot_chunk_size` bytes (stop-and-wait per peer,
-resent on heartbeat responses). A follower assembles the chunks; after the last one its Ready
+resent on heartbeat responses). A follower assembles the chunks in its `SnapshotSpool` (the
+driver's spools to a file); after the last one its Ready
 carries `snapshot` (meta + bytes) to persist and restore, and its log is reset to it. On
 restart the driver passes the latest persisted snapshot (meta + bytes) to the constructor.
 
@@ -101,6 +102,7 @@ from dcl.raft.types import (
     HeartbeatResponse,
     InstallSnapshot,
     InvalidConfChange,
+    MemorySpool,
     Message,
     NodeId,
     PeerProgress,
@@ -115,6 +117,7 @@ from dcl.raft.types import (
     Snapshot,
     SnapshotMeta,
     SnapshotResponse,
+    SnapshotSpool,
     Status,
     TimeoutNow,
     VoteResponse,
@@ -224,13 +227,15 @@ class RaftNode:
         entries: Sequence[Entry] = (),
         bootstrap_voters: Iterable[NodeId] | None = None,
         applied: int = 0,
+        spool: SnapshotSpool | None = None,
     ) -> None:
         """Build the core from persisted state.
 
         `hard_state`, `snapshot` and `entries` (the persisted log after the snapshot) are what
         the driver read back from disk; everything passed here counts as persisted. `applied`
         is the index the FSM has durably applied (at least the snapshot index is assumed).
-        `bootstrap_voters` is used only when there is no persisted state at all.
+        `bootstrap_voters` is used only when there is no persisted state at all. `spool` is
+        where a snapshot being received is assembled (default: in memory).
         """
         self.id: NodeId = node_id
         self._cfg = config
@@ -314,9 +319,9 @@ class RaftNode:
         self._pending_install: Snapshot | None = None
         # A role change since the last ready(): the messages may include acknowledgements.
         self._role_changed = True
-        # (leader term, leader id, meta) -> assembled bytes of an incoming snapshot.
+        # (leader term, leader id, meta) of the incoming snapshot `_incoming` assembles.
         self._incoming_key: tuple[int, NodeId, SnapshotMeta] | None = None
-        self._incoming = bytearray()
+        self._incoming: SnapshotSpool = spool if spool is not None else MemorySpool()
         self._become_follower(self._term, None)
 
     # ------------------------------------------------------------------ status (read-only)
@@ -1298,15 +1303,15 @@ class RaftNode:
             if meta.index > self._commit:
                 self._commit = meta.index
             self._incoming_key = None
-            self._incoming = bytearray()
+            self._incoming.restart(b"")
             self._send(SnapshotResponse(self._term, self.id, m.src, meta.index, 0, True))
             return
         key = (m.term, m.src, meta)
-        if m.offset == 0 and (key != self._incoming_key or not self._incoming):
+        if m.offset == 0 and (key != self._incoming_key or not len(self._incoming)):
             self._incoming_key = key
-            self._incoming = bytearray(m.data)
+            self._incoming.restart(m.data)
         elif key == self._incoming_key and m.offset == len(self._incoming):
-            self._incoming += m.data
+            self._incoming.extend(m.data)
         else:
             expected = len(self._incoming) if key == self._incoming_key else 0
             self._send(SnapshotResponse(self._term, self.id, m.src, meta.index, expected))
@@ -1315,10 +1320,8 @@ class RaftNode:
             n = len(self._incoming)
             self._send(SnapshotResponse(self._term, self.id, m.src, meta.index, n))
             return
-        # A view, not a copy: the buffer is replaced below, never written again.
-        snap = Snapshot(meta, memoryview(self._incoming).toreadonly())
+        snap = Snapshot(meta, self._incoming.take())
         self._incoming_key = None
-        self._incoming = bytearray()
         self._install(snap)
         self._send(SnapshotResponse(self._term, self.id, m.src, meta.index, 0, True))
 

@@ -39,6 +39,7 @@ import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from dcl.errors import CorruptRecord, InvalidRequest
 from dcl.raft.types import Entry, HardState, Snapshot, SnapshotMeta
@@ -193,6 +194,53 @@ def _map_snapshot(path: Path, verify: bool = True) -> Snapshot | None:
     return _decode_snapshot(mapped, str(path), verify)
 
 
+class FileSpool:
+    """A SnapshotSpool (dcl.raft.types) in a scratch file: a follower catching up holds
+    the leader's snapshot, as large as the whole commit log, in the page cache instead of
+    on its heap. Not durable and not meant to be: a restart asks the leader again.
+
+    `take()` maps the file read-only and unlinks it; the mapping keeps its blocks until the
+    last holder lets go (by then RaftStorage holds its own copy, the snapshot file).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._file: BinaryIO | None = None
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def restart(self, first: bytes) -> None:
+        self.close()
+        if first:
+            self._file = open(self._path, "w+b", buffering=1 << 20)  # noqa: SIM115
+            self.extend(first)
+
+    def extend(self, chunk: bytes) -> None:
+        assert self._file is not None, "extend() before restart()"
+        self._file.write(chunk)
+        self._size += len(chunk)
+
+    def take(self) -> bytes | memoryview:
+        f = self._file
+        if f is None or not self._size:
+            self.close()
+            return b""
+        f.flush()
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        self.close()
+        return memoryview(mapped)
+
+    def close(self) -> None:
+        """Drop what is held (the file's blocks go with the last mapping of them)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._size = 0
+        self._path.unlink(missing_ok=True)
+
+
 class RaftStorage:
     """Persistent Raft state of one node: log entries, hard state and the latest snapshot."""
 
@@ -233,6 +281,8 @@ class RaftStorage:
         fsync_directory(self.directory)
 
         self._snapshot = self._read_snapshot()
+        # Its scratch file ends in TMP_SUFFIX: a crash leaves nothing the next open keeps.
+        self._spool = FileSpool(self._snap_dir / ("incoming" + TMP_SUFFIX))
         self._write_lock = threading.Lock()
         #: Index of the snapshot in the file (written, maybe not adopted yet).
         self._written_index = self.snapshot_index
@@ -447,8 +497,14 @@ class RaftStorage:
                 self._write_hard_state(self._hs)
         finally:
             self._log.close()
+            self._spool.close()
             self._closed = True
             os.close(self._lock_fd)
+
+    @property
+    def snapshot_spool(self) -> FileSpool:
+        """Where the core assembles a snapshot being received (RaftNode's `spool`)."""
+        return self._spool
 
     def __enter__(self) -> RaftStorage:
         return self

@@ -135,6 +135,47 @@ class Snapshot:
     data: bytes | memoryview
 
 
+class SnapshotSpool(Protocol):
+    """Where a follower assembles the chunks of a snapshot it is receiving.
+
+    A snapshot is as large as the application's state, so the driver gives the core one
+    that spools to a file (`dcl.raft.storage.FileSpool`); the core itself, and the
+    simulator, use `MemorySpool`.
+    """
+
+    def __len__(self) -> int: ...
+
+    def restart(self, first: bytes) -> None:
+        """Drop what is held and start over with `first` (b"" to hold nothing)."""
+
+    def extend(self, chunk: bytes) -> None:
+        """Append the next chunk."""
+
+    def take(self) -> bytes | memoryview:
+        """The assembled bytes, read-only; the spool holds nothing afterwards."""
+
+
+class MemorySpool:
+    """A SnapshotSpool on the heap."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def restart(self, first: bytes) -> None:
+        self._buf = bytearray(first)
+
+    def extend(self, chunk: bytes) -> None:
+        self._buf += chunk
+
+    def take(self) -> memoryview:
+        # A view, not a copy: the buffer is replaced, never written again.
+        buf, self._buf = self._buf, bytearray()
+        return memoryview(buf).toreadonly()
+
+
 @dataclass(frozen=True, slots=True)
 class ReadState:
     """Result of `read_index(request_id)`: once the local applied index reaches `index`, a read

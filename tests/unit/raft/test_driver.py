@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Generator, Sequence
 from pathlib import Path
 from typing import Any
@@ -571,6 +572,56 @@ async def test_a_follower_acknowledges_an_append_only_after_its_fsync(
         where = "loop" if size <= INLINE_SYNC_BYTES else "executor"
         assert log == ["synced 2 on loop", "ack 2", f"synced 3 on {where}", "ack 3"]
     finally:
+        await driver.stop()
+        storage.close()
+        fsm.close()
+
+
+async def test_a_snapshot_being_received_is_spooled_to_disk_not_held_on_the_heap(
+    tmp_path: Path,
+) -> None:
+    """A follower receives the leader's 48 MiB snapshot in 256 KiB chunks (as the agent
+    sends them) and installs it. Its heap must not grow by the snapshot's size on the way:
+    the snapshot is as large as the commit log, and a node catching up on a big log would
+    otherwise need that much memory. The state it ends with is the leader's."""
+    source = LogFsm(tmp_path / "source")
+    for batch in range(48):
+        values = [bytes([batch, i % 256]) * 512 for i in range(1024)]
+        source.apply([Entry(1, 10 + batch, EntryType.NORMAL, encode_records_cmd(values))])
+    *_, state = source.snapshot_steps()
+    assert state is not None and len(state) > 48 << 20
+    sample = {o: source.log.read(o) for o in range(0, source.log.next_offset, 997)}
+    count = source.log.next_offset
+    source.close()
+
+    fsm = LogFsm(tmp_path / "fsm")
+    storage = RaftStorage(tmp_path / "raft")
+    driver = RaftDriver("f", storage, fsm, Recording(), config=Config(election_tick=50),
+                        tick_seconds=0.01)
+    driver.start()
+    try:
+        meta = SnapshotMeta(100, 1, frozenset({"L", "f"}))
+        chunk = 256 << 10
+        tracemalloc.start()
+        for offset in range(0, len(state), chunk):
+            data = bytes(state[offset : offset + chunk])
+            done = offset + chunk >= len(state)
+            driver.receive(InstallSnapshot(1, "L", "f", meta, offset, data, done))
+            del data
+        for _ in range(500):
+            if fsm.applied_index == 100:
+                break
+            await asyncio.sleep(0.01)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert fsm.applied_index == 100 and storage.snapshot_index == 100
+        assert peak < 20 << 20, f"heap peaked {peak >> 20} MiB receiving a 48 MiB snapshot"
+        assert fsm.log.next_offset == count
+        assert {o: fsm.log.read(o) for o in sample} == sample
+        assert not list((tmp_path / "raft" / "snapshot").glob("*.tmp")), "spool file left"
+    finally:
+        if tracemalloc.is_tracing():
+            tracemalloc.stop()
         await driver.stop()
         storage.close()
         fsm.close()

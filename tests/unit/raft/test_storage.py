@@ -396,3 +396,28 @@ def test_gap_between_snapshot_and_log_is_refused(tmp_path: Path) -> None:
     shutil.copy(older / "snapshot" / "snapshot", target / "snapshot" / "snapshot")
     with pytest.raises(CorruptRecord):
         RaftStorage(target)
+
+
+def test_the_snapshot_spool_assembles_on_disk_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The spool a follower receives a snapshot into: chunks go to a scratch file, `take`
+    hands back the whole (mapped, the file already unlinked), a restart drops a partial
+    one, and a scratch file left by a crash is removed when the storage is next opened."""
+    with RaftStorage(tmp_path / "raft") as storage:
+        spool = storage.snapshot_spool
+        scratch = tmp_path / "raft" / "snapshot" / "incoming.tmp"
+        spool.restart(b"abandoned")
+        assert scratch.exists() and len(spool) == 9
+        spool.restart(b"")  # the leader started over (or sent another snapshot)
+        assert not scratch.exists() and len(spool) == 0
+        spool.restart(b"first,")
+        for i in range(1000):
+            spool.extend(b"%d," % i)
+        whole = spool.take()
+        assert bytes(whole) == b"first," + b"".join(b"%d," % i for i in range(1000))
+        assert not scratch.exists() and len(spool) == 0
+        assert spool.take() == b""
+        spool.restart(b"left by a crash")
+        os.link(scratch, tmp_path / "kept")  # what a crash would leave behind
+    os.rename(tmp_path / "kept", scratch)
+    with RaftStorage(tmp_path / "raft"):
+        assert not scratch.exists()
