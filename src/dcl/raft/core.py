@@ -42,8 +42,8 @@ due), so followers apply without waiting for a heartbeat.
 Snapshot data flow: the application passes the snapshot bytes to `compact(index, data)` after
 making them durable itself; the core keeps the latest snapshot in memory and streams it in
 `InstallSnapshot` chunks of `Config.snapshot_chunk_size` bytes (stop-and-wait per peer,
-resent on heartbeat responses). A follower assembles the chunks in its `SnapshotSpool` (the
-driver's spools to a file); after the last one its Ready
+resent on heartbeat responses). A follower assembles the chunks in a `SnapshotSpool` (under the
+driver, a scratch file); after the last one its Ready
 carries `snapshot` (meta + bytes) to persist and restore, and its log is reset to it. On
 restart the driver passes the latest persisted snapshot (meta + bytes) to the constructor.
 
@@ -738,6 +738,7 @@ class RaftNode:
         if term != self._term:
             self._term = term
             self._vote = None
+            self._drop_incoming()
         self._leader_id = None
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
@@ -752,6 +753,13 @@ class RaftNode:
         self._read_round_pending = False
         self._reads_waiting_commit = []
         self._need_bcast = False
+
+    def _drop_incoming(self) -> None:
+        """Drop a partly received snapshot: one from an earlier term can never be completed
+        (its chunks are keyed by term), and its spool may hold a commit log's worth of disk."""
+        if self._incoming_key is not None or len(self._incoming):
+            self._incoming_key = None
+            self._incoming.restart(b"")
 
     def _become_follower(self, term: int, leader: NodeId | None) -> None:
         self._reset(term)
@@ -800,6 +808,7 @@ class RaftNode:
 
     def _become_leader(self) -> None:
         self._reset(self._term)
+        self._drop_incoming()
         self._role = Role.LEADER
         self._leader_id = self.id
         self._read_seq = 0

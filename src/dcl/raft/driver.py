@@ -77,7 +77,9 @@ _Settle = Callable[[BaseException | None, Any], None]
 #: back (futex wake-ups and GIL ping-pong): follower CPU per one-at-a-time Produce 600 ->
 #: 470 us, p50 1.83 -> 1.65 ms. A follower waits for the fsync before it acknowledges
 #: anyway, and data arriving meanwhile queues in the socket and joins the next group
-#: commit. Larger appends take the executor so that reads are not stalled for their fsync.
+#: commit. Larger appends take the executor so that reads are not stalled for their fsync,
+#: and so does any append while a snapshot is checkpointed or written in the background
+#: (its flushes can hold a small fsync back by a millisecond or more).
 INLINE_SYNC_BYTES = 64 << 10
 
 
@@ -148,6 +150,7 @@ class RaftDriver:
         self._snapshot_task: asyncio.Task[None] | None = None
         self._built: tuple[int, bytes | memoryview] | None = None
         self._writing: tuple[Snapshot, asyncio.Future[None]] | None = None
+        #: A snapshot's storage failure (built, written or received), raised by the loop.
         self._snapshot_error: Exception | None = None
         self._next_tick = 0.0
         self._ticker: asyncio.TimerHandle | None = None
@@ -175,7 +178,13 @@ class RaftDriver:
         """A message from a peer (called by the transport service)."""
         if m.dst != self.node_id:
             return
-        self.core.step(m)
+        try:
+            self.core.step(m)
+        except OSError as exc:
+            # The snapshot spool failed to write a chunk (disk full, I/O error): a storage
+            # failure like any other, so the node stops rather than fail every resend.
+            if self._snapshot_error is None:
+                self._snapshot_error = exc
         self._wake.set()
 
     async def propose(self, data: bytes) -> Any:
@@ -341,8 +350,10 @@ class RaftDriver:
         if rd.hard_state is not None:
             self._storage.set_hard_state(rd.hard_state)
         if rd.entries:
-            if self.core.role is not Role.LEADER and (
-                sum(len(e.data) for e in rd.entries) <= INLINE_SYNC_BYTES
+            if (
+                self.core.role is not Role.LEADER
+                and not self.snapshot_in_progress
+                and sum(len(e.data) for e in rd.entries) <= INLINE_SYNC_BYTES
             ):
                 self._storage.sync()
             else:

@@ -229,7 +229,11 @@ class FileSpool:
             return b""
         f.flush()
         mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        size = self._size
         self.close()
+        if len(mapped) != size:  # never hand the core a snapshot of the wrong length
+            mapped.close()
+            raise OSError(f"snapshot spool {self._path} holds a different size than written")
         return memoryview(mapped)
 
     def close(self) -> None:

@@ -386,18 +386,29 @@ class LogFsm:
         leaves the old state in place.
         """
         data = memoryview(snapshot.data)
-        first, book_len = _SNAP_HEADER.unpack_from(data, 0)
-        pos = _SNAP_HEADER.size
-        self.addresses = json.loads(bytes(data[pos : pos + book_len]))
+        size = len(data)
+        try:
+            first, book_len = _SNAP_HEADER.unpack_from(data, 0)
+            pos = _SNAP_HEADER.size
+            if pos + book_len > size:
+                raise ValueError("address book runs past the end")
+            addresses = json.loads(bytes(data[pos : pos + book_len]))
+            if not isinstance(addresses, dict):
+                raise ValueError("address book is not an object")
+        except (struct.error, ValueError) as exc:
+            raise CorruptRecord("snapshot", 0, f"bad header: {exc}") from None
         pos += book_len
         start = pos
         unpack = _U32.unpack_from
-        size = len(data)
         while pos < size:
-            if pos + 4 > size or pos + 4 + unpack(data, pos)[0] > size:
+            n = unpack(data, pos)[0] if pos + 4 <= size else -1
+            if n < 0 or pos + 4 + n > size:
                 raise CorruptRecord("snapshot", pos, f"record framing runs past the end ({size})")
-            pos += 4 + unpack(data, pos)[0]
+            if n == 0:
+                raise CorruptRecord("snapshot", pos, "empty record")
+            pos += 4 + n
         with self._checkpoint_lock:  # no checkpoint may pair the old marks with the new log
+            self.addresses = addresses
             self._rebuild_to = None
             self.log.reset(first)
             pos = start

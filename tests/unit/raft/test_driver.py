@@ -625,3 +625,40 @@ async def test_a_snapshot_being_received_is_spooled_to_disk_not_held_on_the_heap
         await driver.stop()
         storage.close()
         fsm.close()
+
+
+async def test_a_disk_error_while_receiving_a_snapshot_stops_the_driver_cleanly(
+    tmp_path: Path,
+) -> None:
+    """Injected fault: the disk is full when a follower spools the leader's snapshot. As for
+    any storage failure the node stops (a supervisor restarts it) instead of failing the
+    same chunk again on every resend: on_failed fires once, proposals get Unavailable."""
+    fsm = LogFsm(tmp_path / "fsm")
+    storage = RaftStorage(tmp_path / "raft")
+    failures: list[BaseException] = []
+    driver = RaftDriver("f", storage, fsm, Recording(), config=Config(election_tick=50),
+                        tick_seconds=0.01)
+    driver.on_failed = failures.append
+
+    def full_disk(chunk: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    storage.snapshot_spool.extend = full_disk  # type: ignore[method-assign]
+    driver.start()
+    try:
+        meta = SnapshotMeta(100, 1, frozenset({"L", "f"}))
+        driver.receive(InstallSnapshot(1, "L", "f", meta, 0, b"x" * 1000, False))
+        driver.receive(InstallSnapshot(1, "L", "f", meta, 1000, b"y" * 1000, False))
+        for _ in range(200):
+            if failures:
+                break
+            await asyncio.sleep(0.01)
+        driver.receive(InstallSnapshot(1, "L", "f", meta, 1000, b"y" * 1000, False))
+        await asyncio.sleep(0.05)
+        assert len(failures) == 1 and isinstance(failures[0], OSError)
+        with pytest.raises(Unavailable):
+            await driver.propose(b"x")
+    finally:
+        await driver.stop()
+        storage.close()
+        fsm.close()

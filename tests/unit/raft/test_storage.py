@@ -18,7 +18,16 @@ import pytest
 from dcl.errors import CorruptRecord, InvalidRequest
 from dcl.raft.core import RaftNode
 from dcl.raft.storage import RaftStorage
-from dcl.raft.types import Config, Entry, EntryType, HardState, Snapshot, SnapshotMeta
+from dcl.raft.types import (
+    Config,
+    Entry,
+    EntryType,
+    HardState,
+    Heartbeat,
+    InstallSnapshot,
+    Snapshot,
+    SnapshotMeta,
+)
 from dcl.storage import LogInUse
 
 SMALL = 256  # bytes per segment: forces many segments
@@ -421,3 +430,18 @@ def test_the_snapshot_spool_assembles_on_disk_and_leaves_nothing_behind(tmp_path
     os.rename(tmp_path / "kept", scratch)
     with RaftStorage(tmp_path / "raft"):
         assert not scratch.exists()
+
+
+def test_a_partly_received_snapshot_is_dropped_when_the_term_moves_on(tmp_path: Path) -> None:
+    """A follower got the first chunk of a snapshot, then its leader was replaced. The
+    chunks are keyed by term, so that transfer can never complete: its scratch file (up to
+    a commit log's worth of disk) goes at once, not when some later snapshot arrives."""
+    with RaftStorage(tmp_path / "raft") as storage:
+        node = RaftNode("f", Config(election_tick=10), random.Random(1),
+                        spool=storage.snapshot_spool)
+        scratch = tmp_path / "raft" / "snapshot" / "incoming.tmp"
+        meta = SnapshotMeta(50, 1, frozenset({"a", "f"}))
+        node.step(InstallSnapshot(1, "a", "f", meta, 0, b"x" * 1000, False))
+        assert scratch.exists() and len(storage.snapshot_spool) == 1000
+        node.step(Heartbeat(2, "b", "f", 0, 0))  # a new leader, in a new term
+        assert not scratch.exists() and len(storage.snapshot_spool) == 0

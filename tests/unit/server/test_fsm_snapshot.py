@@ -8,6 +8,7 @@ it would hold records its Raft log also replays (offsets twice).
 from __future__ import annotations
 
 import mmap
+import struct
 import tracemalloc
 from pathlib import Path
 
@@ -115,4 +116,29 @@ def test_a_malformed_snapshot_is_refused_before_the_log_is_reset(tmp_path: Path)
     fsm.restore(whole)
     assert fsm.log.next_offset == 100 and fsm.applied_index == 100
     assert {o: fsm.log.read(o) for o in sample} == sample
+    fsm.close()
+
+
+@pytest.mark.parametrize("damage", ["short header", "book past the end", "empty record"])
+def test_a_snapshot_with_a_bad_header_or_record_is_refused_whole(
+    tmp_path: Path, damage: str
+) -> None:
+    """Every malformed snapshot is a CorruptRecord, and the node keeps its records and its
+    address book: nothing is replaced until the whole snapshot checked out."""
+    whole, _ = _snapshot_of(tmp_path, "leader", 10, 100)
+    data = bytes(whole.data)
+    (first, _) = struct.unpack_from(">QI", data, 0)
+    bad = {
+        "short header": data[:7],
+        "book past the end": struct.pack(">QI", first, len(data)) + data[12:],
+        "empty record": data + b"\0\0\0\0",
+    }[damage]
+    fsm = LogFsm(tmp_path / "node")
+    fsm.apply([Entry(1, 1, EntryType.NORMAL, encode_address_cmd("me", "host-me:1")),
+               Entry(1, 2, EntryType.NORMAL, encode_records_cmd([b"mine"]))])
+    mine = records(fsm)
+    with pytest.raises(CorruptRecord):
+        fsm.restore(Snapshot(whole.meta, bad))
+    assert records(fsm) == mine and fsm.addresses == {"me": "host-me:1"}
+    assert fsm.applied_index == 2
     fsm.close()
