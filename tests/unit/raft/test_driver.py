@@ -528,12 +528,17 @@ async def test_a_snapshot_write_that_fails_stops_the_driver_cleanly(tmp_path: Pa
             await driver.propose(encode_records_cmd([b"after"]))
 
 
-@pytest.mark.parametrize("size", [100, INLINE_SYNC_BYTES + 1])
+@pytest.mark.parametrize(("size", "snapshotting", "where"), [
+    (100, False, "loop"),
+    (INLINE_SYNC_BYTES + 1, False, "executor"),
+    (100, True, "executor"),
+])
 async def test_a_follower_acknowledges_an_append_only_after_its_fsync(
-    tmp_path: Path, size: int
+    tmp_path: Path, size: int, snapshotting: bool, where: str
 ) -> None:
-    """Whichever thread runs it (the loop's for a small append, the executor's for a large
-    one), a follower's fsync finishes before its acknowledgement goes out."""
+    """Whichever thread runs it (the loop's for a small append; the executor's for a large
+    one, or while a snapshot is being built and written), a follower's fsync finishes
+    before its acknowledgement goes out."""
     log: list[str] = []
     fsm = LogFsm(tmp_path / "fsm")
     storage = RaftStorage(tmp_path / "raft")
@@ -551,25 +556,38 @@ async def test_a_follower_acknowledges_an_append_only_after_its_fsync(
 
     storage.sync = sync  # type: ignore[method-assign]
     loop_thread = threading.get_ident()
+    real_steps = fsm.snapshot_steps
+
+    def slow_steps() -> Generator[memoryview | None, None, None]:
+        inner = real_steps()
+        try:
+            for _ in range(100):  # about a second of building, in steps
+                time.sleep(0.01)
+                yield None
+            yield from inner
+        finally:
+            inner.close()
+
+    fsm.snapshot_steps = slow_steps  # type: ignore[method-assign]
     driver = RaftDriver("f", storage, fsm, Acks(), config=Config(election_tick=50),
-                        tick_seconds=0.01)
+                        tick_seconds=0.01, snapshot_threshold_entries=2 if snapshotting else 0)
     driver.start()
     try:
         conf = [Entry(1, i + 1, EntryType.CONF_CHANGE,
                       ConfChange(ConfChangeType.ADD_VOTER, node).encode())
                 for i, node in enumerate(("L", "f"))]
-        driver.receive(AppendEntries(1, "L", "f", 0, 0, tuple(conf), 0))
+        driver.receive(AppendEntries(1, "L", "f", 0, 0, tuple(conf), 2))
         for _ in range(200):
-            if "ack 2" in log:
+            if "ack 2" in log and driver.core.applied_index == 2:
                 break
             await asyncio.sleep(0.01)
+        assert driver.snapshot_in_progress is snapshotting
         driver.receive(AppendEntries(1, "L", "f", 2, 1, (
-            Entry(1, 3, EntryType.NORMAL, encode_records_cmd([b"v" * size])),), 0))
+            Entry(1, 3, EntryType.NORMAL, encode_records_cmd([b"v" * size])),), 2))
         for _ in range(200):
             if "ack 3" in log:
                 break
             await asyncio.sleep(0.01)
-        where = "loop" if size <= INLINE_SYNC_BYTES else "executor"
         assert log == ["synced 2 on loop", "ack 2", f"synced 3 on {where}", "ack 3"]
     finally:
         await driver.stop()
