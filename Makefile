@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/storage.py
 	$(PY) bench/raft_core.py
 	$(PY) bench/cluster.py
+	$(PY) bench/catchup.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from grpclib.client import Channel
@@ -44,24 +45,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_cluster(work: Path, pki: PkiFiles) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+def agent_args(work: Path, pki: PkiFiles, i: int, ports: Sequence[int]) -> list[str]:
+    """The command line of node i of a cluster whose RPC ports are `ports` (n0 bootstraps)."""
+    args = [
+        sys.executable, "-m", "dcl.cli.main", "agent", "--node-name", f"n{i}",
+        "--data-dir", str(work / f"n{i}"), "--rpc-port", str(ports[i]),
+        "--bind-addr", f"127.0.0.1:{free_port()}",
+        "--acl-model-file", str(pki.acl_model), "--acl-policy-file", str(pki.acl_policy),
+        "--server-tls-cert-file", str(pki.server_cert),
+        "--server-tls-key-file", str(pki.server_key),
+        "--server-tls-ca-file", str(pki.ca_cert), "--peer-tls-cert-file", str(pki.peer_cert),
+        "--peer-tls-key-file", str(pki.peer_key), "--peer-tls-ca-file", str(pki.ca_cert),
+        "--log-level", "WARNING", "--snapshot-threshold", "1000000000",
+        "--gossip-key-file", str(pki.gossip_key),
+    ]
+    return args + (["--bootstrap"] if i == 0 else ["--join-rpc-addrs", f"127.0.0.1:{ports[0]}"])
+
+
+def start_cluster(
+    work: Path, pki: PkiFiles, extra_args: Sequence[str] = ()
+) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    """Three agents; `extra_args` go on every command line (later flags win)."""
     ports = [free_port() for _ in range(3)]
-    procs = []
-    for i, port in enumerate(ports):
-        args = [
-            sys.executable, "-m", "dcl.cli.main", "agent", "--node-name", f"n{i}",
-            "--data-dir", str(work / f"n{i}"), "--rpc-port", str(port),
-            "--bind-addr", f"127.0.0.1:{free_port()}",
-            "--acl-model-file", str(pki.acl_model), "--acl-policy-file", str(pki.acl_policy),
-            "--server-tls-cert-file", str(pki.server_cert),
-            "--server-tls-key-file", str(pki.server_key),
-            "--server-tls-ca-file", str(pki.ca_cert), "--peer-tls-cert-file", str(pki.peer_cert),
-            "--peer-tls-key-file", str(pki.peer_key), "--peer-tls-ca-file", str(pki.ca_cert),
-            "--log-level", "WARNING", "--snapshot-threshold", "1000000000",
-            "--gossip-key-file", str(pki.gossip_key),
-        ]
-        args += ["--bootstrap"] if i == 0 else ["--join-rpc-addrs", f"127.0.0.1:{ports[0]}"]
-        procs.append(subprocess.Popen(args))
+    procs = [subprocess.Popen([*agent_args(work, pki, i, ports), *extra_args])
+             for i in range(3)]
     return procs, ports
 
 

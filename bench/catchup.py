@@ -1,0 +1,152 @@
+"""Benchmark a follower catching up through the leader's snapshot (3 nodes, loopback, mTLS).
+
+Starts three `dcl agent` processes with a 64 MiB Raft-log cap (`--snapshot-log-bytes`), so
+the leader snapshots and compacts while it is written to. One follower is killed (SIGKILL),
+N MiB of 1 KiB records are written through ProduceBatch, and the follower is restarted: it
+has missed entries the leader no longer holds, so it gets the leader's snapshot, restores
+its commit log from it and then catches up on the rest. Measured:
+
+  write_mbps          ProduceBatch throughput while the leader snapshots in the background
+  catchup_s           restart of the follower (process start included) until it has
+                      applied every record
+  catchup_mbps        N MiB / catchup_s
+  peak_anon_rss_mib   the restarted follower's peak anonymous memory (heap, not the page
+                      cache its mapped files use), sampled every 20 ms
+
+The last line is one JSON object with exactly those keys. `--quick` writes 60 MiB, not 300
+(with a 16 MiB cap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from cluster import agent_args, start_cluster, wait_ready
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from dcl.api.dcl.v1 import batch_grpc, batch_pb2
+from dcl.server.certs import generate_pki
+from dcl.tls import client_context
+
+
+def anon_rss_kib(pid: int) -> int:
+    """RssAnon of a process, from /proc (Linux); 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return int(status.split("RssAnon:")[1].split()[0])
+
+
+async def stable_size(path: Path, still: float = 1.0, timeout: float = 60.0) -> None:
+    """Until `path` exists and its size has not changed for `still` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        size = path.stat().st_size if path.exists() else -1
+        if size != last:
+            last, since = size, time.monotonic()
+        elif size >= 0 and time.monotonic() - since >= still:
+            return
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"{path} still changing after {timeout} s")
+
+
+async def run(quick: bool) -> dict[str, float]:
+    mib = 60 if quick else 300
+    log_cap = (16 if quick else 64) << 20  # a few snapshots while writing
+    work = Path(tempfile.mkdtemp(prefix="dcl-catchup-"))
+    pki = generate_pki(work / "pki")
+    extra = ["--snapshot-threshold", "1000", "--snapshot-log-bytes", str(log_cap)]
+    procs, ports = start_cluster(work, pki, extra)
+    ctx = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    channels = [Channel("127.0.0.1", p, ssl=ctx) for p in ports]
+    out: dict[str, float] = {}
+    try:
+        li = await wait_ready(channels)
+        fi = (li + 1) % 3
+        procs[fi].kill()
+        procs[fi].wait()
+
+        leader = batch_grpc.BatchStub(channels[li])
+        values = [b"x" * 1024] * 512  # 512 KiB per call, 2 calls per MiB
+        window = asyncio.Semaphore(4)
+
+        async def one() -> None:
+            async with window:
+                await leader.ProduceBatch(batch_pb2.ProduceBatchRequest(values=values), timeout=60)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(mib * 2)))
+        out["write_mbps"] = round(mib * 1.048576 / (time.perf_counter() - t0), 1)
+        print(f"wrote {mib} MiB with a follower down: {out['write_mbps']} MB/s")
+        end = mib * 2 * len(values)
+        # Let the leader's background snapshot finish, so the follower gets a whole one.
+        await stable_size(work / f"n{li}" / "raft" / "snapshot" / "snapshot")
+
+        # The restarted node dials the others again: its gossip port is new, its RPC port not.
+        args = agent_args(work, pki, fi, ports)
+        args[args.index("--log-level") + 1] = "INFO"  # to see that it installed a snapshot
+        log_path = work / f"n{fi}.log"
+        t0 = time.perf_counter()
+        with log_path.open("wb") as log_file:
+            procs[fi] = subprocess.Popen([*args, *extra], stderr=log_file)
+        follower = batch_grpc.BatchStub(channels[fi])
+        peak = 0
+        while True:
+            peak = max(peak, anon_rss_kib(procs[fi].pid))
+            try:
+                r = await follower.ConsumeBatch(
+                    batch_pb2.ConsumeBatchRequest(offset=0, max_records=1), timeout=0.5)
+                if r.next_offset >= end:
+                    break
+            except (TimeoutError, OSError, StreamTerminatedError):
+                pass  # not listening yet
+            except GRPCError as exc:  # starting up, or restoring
+                if exc.status not in (Status.UNAVAILABLE, Status.OUT_OF_RANGE):
+                    raise
+            if time.perf_counter() - t0 > 300:
+                raise SystemExit("follower did not catch up within 300 s")
+            await asyncio.sleep(0.02)
+        elapsed = time.perf_counter() - t0
+        if "raft installing snapshot" not in log_path.read_text(errors="replace"):
+            raise SystemExit("the follower caught up without a snapshot: nothing measured")
+        out["catchup_s"] = round(elapsed, 2)
+        out["catchup_mbps"] = round(mib * 1.048576 / elapsed, 1)
+        out["peak_anon_rss_mib"] = round(peak / 1024)
+        print(f"follower caught up on {mib} MiB in {elapsed:.2f} s (process start included), "
+              f"peak anonymous memory {out['peak_anon_rss_mib']} MiB")
+    finally:
+        for c in channels:
+            c.close()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    keys = ["write_mbps", "catchup_s", "catchup_mbps", "peak_anon_rss_mib"]
+    return {k: out[k] for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.quick))))
+
+
+if __name__ == "__main__":
+    main()
