@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from cluster import agent_args, start_cluster, wait_ready
+from cluster import agent_args, start_cluster, stop_cluster, wait_ready
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -127,16 +125,7 @@ async def run(quick: bool) -> dict[str, float]:
         print(f"follower caught up on {mib} MiB in {elapsed:.2f} s (process start included), "
               f"peak anonymous memory {out['peak_anon_rss_mib']} MiB")
     finally:
-        for c in channels:
-            c.close()
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_cluster(procs, channels, work)
     keys = ["write_mbps", "catchup_s", "catchup_mbps", "peak_anon_rss_mib"]
     return {k: out[k] for k in keys}
 

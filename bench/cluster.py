@@ -72,6 +72,22 @@ def start_cluster(
     return procs, ports
 
 
+def stop_cluster(
+    procs: Sequence[subprocess.Popen[bytes]], channels: Sequence[Channel], work: Path
+) -> None:
+    """Close the channels, stop the agents (SIGTERM, then SIGKILL after 30 s), drop `work`."""
+    for c in channels:
+        c.close()
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 async def wait_applied(stub: batch_grpc.BatchStub, next_offset: int) -> None:
     """Wait (up to 30 s) until the node behind stub has applied everything below next_offset."""
     deadline = time.monotonic() + 30
@@ -256,16 +272,7 @@ async def run(quick: bool) -> dict[str, float]:
         print(f"idle ConsumeStream at the tail: follower process at {idle:.1f}% CPU "
               "(includes Raft heartbeats and gossip)")
     finally:
-        for c in channels:
-            c.close()
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_cluster(procs, channels, work)
     keys = ["produce_p50_ms", "produce_p99_ms", "batch_1k_rps", "batch_1k_mbps",
             "batch_100b_rps", "consume_follower_rps", "unary_produce_64_rps", "pstream_rps",
             "cstream_rps"]

@@ -756,7 +756,8 @@ class RaftNode:
 
     def _drop_incoming(self) -> None:
         """Drop a partly received snapshot: one from an earlier term can never be completed
-        (its chunks are keyed by term), and its spool may hold a commit log's worth of disk."""
+        (its chunks are keyed by term), and its spool may hold a commit log's worth of disk.
+        Every way to leadership passes a term change, so a leader never holds one."""
         if self._incoming_key is not None or len(self._incoming):
             self._incoming_key = None
             self._incoming.restart(b"")
@@ -808,7 +809,6 @@ class RaftNode:
 
     def _become_leader(self) -> None:
         self._reset(self._term)
-        self._drop_incoming()
         self._role = Role.LEADER
         self._leader_id = self.id
         self._read_seq = 0
@@ -1311,8 +1311,7 @@ class RaftNode:
             # Our log already holds the snapshot's last entry: no need to install it.
             if meta.index > self._commit:
                 self._commit = meta.index
-            self._incoming_key = None
-            self._incoming.restart(b"")
+            self._drop_incoming()
             self._send(SnapshotResponse(self._term, self.id, m.src, meta.index, 0, True))
             return
         key = (m.term, m.src, meta)
