@@ -12,9 +12,12 @@ its commit log from it and then catches up on the rest. Measured:
   catchup_mbps        N MiB / catchup_s
   peak_anon_rss_mib   the restarted follower's peak anonymous memory (heap, not the page
                       cache its mapped files use), sampled every 20 ms
+  max_stall_ms        the longest a ConsumeBatch call on the follower took, once it first
+                      answered, while it caught up: how long it stopped serving (and
+                      answering Raft and gossip, which share its event loop)
 
 The last line is one JSON object with exactly those keys. `--quick` writes 60 MiB, not 300
-(with a 16 MiB cap).
+(with a 16 MiB cap); `--mib N` writes N MiB.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ async def stable_size(path: Path, still: float = 1.0, timeout: float = 60.0) -> 
     raise SystemExit(f"{path} still changing after {timeout} s")
 
 
-async def run(quick: bool) -> dict[str, float]:
-    mib = 60 if quick else 300
+async def run(quick: bool, mib: int | None = None) -> dict[str, float]:
+    mib = mib or (60 if quick else 300)
     log_cap = (16 if quick else 64) << 20  # a few snapshots while writing
     work = Path(tempfile.mkdtemp(prefix="dcl-catchup-"))
     pki = generate_pki(work / "pki")
@@ -101,18 +104,29 @@ async def run(quick: bool) -> dict[str, float]:
             procs[fi] = subprocess.Popen([*args, *extra], stderr=log_file)
         follower = batch_grpc.BatchStub(channels[fi])
         peak = 0
+        stall = 0.0
+        answered = False
         while True:
             peak = max(peak, anon_rss_kib(procs[fi].pid))
+            counted, sent = answered, time.perf_counter()  # the first call also connects
             try:
                 r = await follower.ConsumeBatch(
-                    batch_pb2.ConsumeBatchRequest(offset=0, max_records=1), timeout=0.5)
+                    batch_pb2.ConsumeBatchRequest(offset=0, max_records=1),
+                    timeout=60 if answered else 0.5)
+                answered = True
                 if r.next_offset >= end:
                     break
             except (TimeoutError, OSError, StreamTerminatedError):
-                pass  # not listening yet
+                if answered:
+                    raise  # it answered before: a stall past 60 s is a failure
+                # not listening yet
             except GRPCError as exc:  # starting up, or restoring
                 if exc.status not in (Status.UNAVAILABLE, Status.OUT_OF_RANGE):
                     raise
+                answered = True
+            finally:
+                if counted:
+                    stall = max(stall, time.perf_counter() - sent)
             if time.perf_counter() - t0 > 300:
                 raise SystemExit("follower did not catch up within 300 s")
             await asyncio.sleep(0.02)
@@ -122,19 +136,22 @@ async def run(quick: bool) -> dict[str, float]:
         out["catchup_s"] = round(elapsed, 2)
         out["catchup_mbps"] = round(mib * 1.048576 / elapsed, 1)
         out["peak_anon_rss_mib"] = round(peak / 1024)
+        out["max_stall_ms"] = round(stall * 1000)
         print(f"follower caught up on {mib} MiB in {elapsed:.2f} s (process start included), "
-              f"peak anonymous memory {out['peak_anon_rss_mib']} MiB")
+              f"peak anonymous memory {out['peak_anon_rss_mib']} MiB, "
+              f"longest call {out['max_stall_ms']} ms")
     finally:
         stop_cluster(procs, channels, work)
-    keys = ["write_mbps", "catchup_s", "catchup_mbps", "peak_anon_rss_mib"]
+    keys = ["write_mbps", "catchup_s", "catchup_mbps", "peak_anon_rss_mib", "max_stall_ms"]
     return {k: out[k] for k in keys}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--mib", type=int, help="MiB to write (default 300, or 60 --quick)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.quick))))
+    print(json.dumps(asyncio.run(run(args.quick, args.mib))))
 
 
 if __name__ == "__main__":
