@@ -48,8 +48,10 @@ CMD_RECORDS = 1
 CMD_PEER_ADDRESS = 2
 _U32 = struct.Struct(">I")
 _SNAP_HEADER = struct.Struct(">QI")  # first offset, address-book JSON length
-#: A restore appends the snapshot's records in runs of about this many bytes.
-_RESTORE_RUN_BYTES = 8 << 20
+#: A restore step appends about this many bytes of records (a few ms), or checks the
+#: framing of 8 times as many: a request to the node waits for a step at each of the few
+#: loop turns it takes, so steps must be short.
+_RESTORE_RUN_BYTES = 1 << 20
 
 
 #: Raft entries read per batch when re-applying them from local storage.
@@ -377,13 +379,32 @@ class LogFsm:
         yield memoryview(mapped)
 
     def restore(self, snapshot: Snapshot) -> None:
-        """Reset the commit log to the snapshot's records, starting at its first offset.
+        """Make the state the snapshot's in one go, durably (see `restore_steps`)."""
+        for _ in self.restore_steps(snapshot):
+            pass
+        self.checkpoint()
 
-        The records are appended in runs of about `_RESTORE_RUN_BYTES`, sliced out of the
-        snapshot's buffer (a file mapping once stored): a snapshot is as large as the commit
-        log, and a copy of every record on the heap would double a catching-up node's memory.
-        The framing is checked in full before the log is touched, so a malformed snapshot
-        leaves the old state in place.
+    def restore_steps(self, snapshot: Snapshot) -> Generator[None, None, None]:
+        """Make the state the snapshot's, a few milliseconds of work per step.
+
+        A snapshot is as large as the commit log, seconds per GiB to restore, and the driver
+        yields to the event loop between steps: a node whose loop stops that long answers no
+        Raft message, reader or gossip probe, and gossip declares a member that misses a
+        probe and then 2 s of suspicion failed, which removes it from the cluster.
+
+        The log is kept, and only the records it lacks are appended, when it is a prefix of
+        the snapshot's: same first offset and its last record equal to the snapshot's at
+        that offset (a record holds its offset and term). Applied entries are committed, so
+        this is the usual case (a node that fell behind the leader's compaction, or a new
+        one), and readers meanwhile see the log only grow, as with applies. Otherwise (a log
+        pending rebuild, or one that disagrees, which is logged) it is reset to the
+        snapshot's first offset and refilled.
+
+        Records are appended as memoryview slices of the snapshot's buffer (a file mapping
+        once stored), never copied to the heap. The framing is checked in full before the
+        log is touched, so a malformed snapshot leaves the old state in place. Not durable
+        until `checkpoint()`: a restart before that cuts the log back to the old checkpoint
+        and restores again.
         """
         data = memoryview(snapshot.data)
         size = len(data)
@@ -398,37 +419,70 @@ class LogFsm:
         except (struct.error, ValueError) as exc:
             raise CorruptRecord("snapshot", 0, f"bad header: {exc}") from None
         pos += book_len
-        start = pos
+        have = self.log.next_offset - first  # records of ours the snapshot might start with
+        keep = self._rebuild_to is None and self.log.lowest_offset == first and have >= 0
+        start = pos  # of the first record to append
+        last = -1  # of the snapshot's record at our last offset
+        count = 0
         unpack = _U32.unpack_from
+        step_end = pos + 8 * _RESTORE_RUN_BYTES
         while pos < size:
             n = unpack(data, pos)[0] if pos + 4 <= size else -1
             if n < 0 or pos + 4 + n > size:
                 raise CorruptRecord("snapshot", pos, f"record framing runs past the end ({size})")
             if n == 0:
                 raise CorruptRecord("snapshot", pos, "empty record")
+            if count == have - 1:
+                last = pos
             pos += 4 + n
+            count += 1
+            if count == have:
+                start = pos
+            if pos >= step_end:
+                step_end = pos + 8 * _RESTORE_RUN_BYTES
+                yield
+        if keep and have > 0:
+            keep = last >= 0 and self._holds(first + have - 1, data, last)
+            if not keep:
+                log.error(
+                    "commit log disagrees with the leader's snapshot; replacing it path=%s "
+                    "next_offset=%d snapshot_first=%d snapshot_records=%d",
+                    self.log.directory, self.log.next_offset, first, count)
+        if not keep:
+            with self._checkpoint_lock:  # a checkpoint meanwhile records "nothing applied"
+                self._rebuild_to = None
+                self.log.reset(first)
+                self.applied_index = 0
+                self._mark = (0, first)
+            start = _SNAP_HEADER.size + book_len
+        pos = start
+        run: list[memoryview] = []
+        run_bytes = 0
+        while pos < size:
+            (n,) = unpack(data, pos)
+            run.append(data[pos + 4 : pos + 4 + n])
+            run_bytes += n
+            pos += 4 + n
+            if run_bytes >= _RESTORE_RUN_BYTES:
+                self.log.append_batch(run)
+                run = []
+                run_bytes = 0
+                yield
+        if run:
+            self.log.append_batch(run)
         with self._checkpoint_lock:  # no checkpoint may pair the old marks with the new log
             self.addresses = addresses
-            self._rebuild_to = None
-            self.log.reset(first)
-            pos = start
-            run: list[memoryview] = []
-            run_bytes = 0
-            while pos < size:
-                (n,) = unpack(data, pos)
-                run.append(data[pos + 4 : pos + 4 + n])
-                run_bytes += n
-                pos += 4 + n
-                if run_bytes >= _RESTORE_RUN_BYTES:
-                    self.log.append_batch(run)
-                    run = []
-                    run_bytes = 0
-            if run:
-                self.log.append_batch(run)
             self.applied_index = snapshot.meta.index
             self._mark = (self.applied_index, self.log.next_offset)
             self._checkpointed = (-1, -1)
-        self.checkpoint()
+
+    def _holds(self, offset: int, data: memoryview, pos: int) -> bool:
+        """Whether the log's record at `offset` is the snapshot's record framed at `pos`."""
+        (n,) = _U32.unpack_from(data, pos)
+        try:
+            return self.log.read(offset) == data[pos + 4 : pos + 4 + n]
+        except CorruptRecord:
+            return False
 
     def close(self) -> None:
         self.log.close()

@@ -145,6 +145,15 @@ class Recording:
         self.sent += [(now, m) for m in messages]
 
 
+def _follower(tmp_path: Path, **options: Any) -> tuple[LogFsm, RaftStorage, RaftDriver]:
+    """A node "f" not yet in any configuration, its messages recorded, fast ticks."""
+    fsm = LogFsm(tmp_path / "fsm")
+    storage = RaftStorage(tmp_path / "raft")
+    driver = RaftDriver("f", storage, fsm, Recording(), config=Config(election_tick=50),
+                        tick_seconds=0.01, **options)
+    return fsm, storage, driver
+
+
 async def test_a_leader_keeps_heartbeating_through_a_slow_fsync(tmp_path: Path) -> None:
     """Injected fault: every fsync takes 0.6 s (more than the election timeout here, 0.2 s).
     Followers that hear nothing for that long elect someone else; the leader must keep
@@ -412,10 +421,7 @@ async def test_a_snapshot_from_the_leader_cancels_the_local_one_being_built(
     expected = [source.log.read(o) for o in range(source.log.next_offset)]
     source.close()
 
-    fsm = LogFsm(tmp_path / "fsm")
-    storage = RaftStorage(tmp_path / "raft")
-    driver = RaftDriver("f", storage, fsm, Recording(), config=Config(election_tick=50),
-                        tick_seconds=0.01, snapshot_threshold_entries=5)
+    fsm, storage, driver = _follower(tmp_path, snapshot_threshold_entries=5)
     build = {"steps": 0, "closed": False}
     real_steps = fsm.snapshot_steps
 
@@ -464,6 +470,58 @@ async def test_a_snapshot_from_the_leader_cancels_the_local_one_being_built(
             await asyncio.sleep(0.01)
         assert fsm.log.next_offset == 31
     finally:
+        await driver.stop()
+        storage.close()
+        fsm.close()
+
+
+async def test_a_follower_restoring_a_snapshot_gives_the_loop_back_between_steps(
+    tmp_path: Path,
+) -> None:
+    """A restore takes seconds per GiB; the node's other work (Raft messages, readers,
+    gossip probes) shares its event loop and must run between the restore's steps, or the
+    node looks dead for that long. A task counting loop turns must advance between every
+    two steps."""
+    source = LogFsm(tmp_path / "source")
+    for b in range(24):  # 24 MiB: several steps
+        values = [bytes([b]) * 1024] * 1024
+        source.apply([Entry(1, 2 + b, EntryType.NORMAL, encode_records_cmd(values))])
+    leaders_state = bytes(source.snapshot_data())
+    end = source.log.next_offset
+    source.close()
+
+    fsm, storage, driver = _follower(tmp_path)
+    turns = 0
+    seen: list[int] = []
+    real_steps = fsm.restore_steps
+
+    def counted_steps(snapshot: Snapshot) -> Generator[None, None, None]:
+        for step in real_steps(snapshot):
+            seen.append(turns)
+            yield step
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    fsm.restore_steps = counted_steps  # type: ignore[method-assign]
+    counter = asyncio.get_running_loop().create_task(count_turns())
+    driver.start()
+    try:
+        meta = SnapshotMeta(100, 1, frozenset({"L", "f"}))
+        driver.receive(InstallSnapshot(1, "L", "f", meta, 0, leaders_state, True))
+        for _ in range(500):
+            if fsm.applied_index == 100:
+                break
+            await asyncio.sleep(0.01)
+        assert fsm.applied_index == 100 and fsm.log.next_offset == end
+        assert len(seen) >= 5, f"only {len(seen)} restore steps for 24 MiB"
+        stalls = [i for i in range(1, len(seen)) if seen[i] == seen[i - 1]]
+        assert not stalls, f"no other task ran between restore steps {stalls}"
+    finally:
+        counter.cancel()
         await driver.stop()
         storage.close()
         fsm.close()
@@ -612,10 +670,7 @@ async def test_a_snapshot_being_received_is_spooled_to_disk_not_held_on_the_heap
     count = source.log.next_offset
     source.close()
 
-    fsm = LogFsm(tmp_path / "fsm")
-    storage = RaftStorage(tmp_path / "raft")
-    driver = RaftDriver("f", storage, fsm, Recording(), config=Config(election_tick=50),
-                        tick_seconds=0.01)
+    fsm, storage, driver = _follower(tmp_path)
     driver.start()
     try:
         meta = SnapshotMeta(100, 1, frozenset({"L", "f"}))

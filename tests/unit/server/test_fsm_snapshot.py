@@ -142,3 +142,93 @@ def test_a_snapshot_with_a_bad_header_or_record_is_refused_whole(
     assert records(fsm) == mine and fsm.addresses == {"me": "host-me:1"}
     assert fsm.applied_index == 2
     fsm.close()
+
+
+def _apply_batches(fsm: LogFsm, batches: int, per_batch: int, size: int) -> None:
+    """Entries 2.. of `per_batch` records of `size` bytes each, as every node applies them."""
+    for b in range(batches):
+        values = [(b * per_batch + i).to_bytes(4, "big") * (size // 4) for i in range(per_batch)]
+        fsm.apply([Entry(1, 2 + b, EntryType.NORMAL, encode_records_cmd(values))])
+
+
+def _leader_snapshot(tmp_path: Path, batches: int) -> tuple[Snapshot, list[bytes]]:
+    """The leader's snapshot after `_apply_batches` of 1 MiB each, and its records."""
+    leader = LogFsm(tmp_path / "leader")
+    _apply_batches(leader, batches, 1024, 1024)
+    *_, data = leader.snapshot_steps()
+    assert data is not None
+    expected = records(leader)
+    leader.close()
+    return Snapshot(SnapshotMeta(batches + 1, 1, frozenset({"a"})), bytes(data)), expected
+
+
+def test_a_node_holding_a_prefix_keeps_it_and_appends_the_rest_a_run_per_step(
+    tmp_path: Path,
+) -> None:
+    """The usual install: a node applied the first entries and fell behind the leader's
+    compaction. Its records stay readable at every step (readers share the log), its files
+    are not rewritten, and no step appends more than about 8 MiB."""
+    snapshot, expected = _leader_snapshot(tmp_path, 40)  # 40 MiB
+
+    node = LogFsm(tmp_path / "node")
+    _apply_batches(node, 10, 1024, 1024)
+    node.checkpoint()
+    held = records(node)
+    first_store = next((tmp_path / "node" / "commitlog").glob("*.store"))
+    inode = first_store.stat().st_ino
+
+    steps = 0
+    grown = node.log.next_offset
+    for _ in node.restore_steps(snapshot):
+        steps += 1
+        assert node.log.next_offset >= grown, "readers saw the log shrink"
+        grown = node.log.next_offset
+        assert [node.log.read(o) for o in range(0, len(held), 997)] == held[::997]
+        assert node.applied_index == 11, "applied index moved before the restore finished"
+    assert steps >= 30 * 1024 * 1024 // (8 << 20), f"only {steps} steps for 30 MiB to append"
+    assert records(node) == expected and node.applied_index == 41
+    assert first_store.stat().st_ino == inode, "the prefix the node held was rewritten"
+    node.close()
+
+
+def test_a_log_that_disagrees_with_the_snapshot_is_replaced_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose last record differs from the snapshot's at that offset (it cannot after
+    committed applies, but a bug or a copied directory can) is not patched: its log is reset
+    to the snapshot's, and the disagreement is logged."""
+    whole, sample = _snapshot_of(tmp_path, "leader", 3000, 100)
+    node = LogFsm(tmp_path / "node")
+    node.apply([Entry(1, 2, EntryType.NORMAL, encode_records_cmd([b"other"] * 100))])
+    with caplog.at_level("ERROR", logger="dcl.server.replicated"):
+        node.restore(whole)
+    assert node.log.next_offset == 3000 and node.applied_index == 100
+    assert {o: node.log.read(o) for o in sample} == sample
+    assert "disagrees with the leader's snapshot" in caplog.text
+    node.close()
+
+
+def test_a_restore_cut_short_by_a_crash_is_cut_back_and_done_again(tmp_path: Path) -> None:
+    """Records a restore appended are not vouched for until its checkpoint: a crash after a
+    few steps reopens at the old checkpoint (applied index and records), and restoring the
+    same snapshot again ends exactly on the leader's state."""
+    snapshot, expected = _leader_snapshot(tmp_path, 40)
+
+    node = LogFsm(tmp_path / "node")
+    _apply_batches(node, 4, 1024, 1024)
+    node.checkpoint()
+    steps = node.restore_steps(snapshot)
+    for _ in range(7):  # 5 checking the framing, then 2 appending
+        next(steps)
+    assert node.log.next_offset > 4 * 1024, "the crash should come after some appends"
+    node.log.flush()
+    node.close()  # crash: no checkpoint since the restore began
+
+    node = LogFsm(tmp_path / "node")
+    assert node.applied_index == 5 and node.log.next_offset == 4 * 1024
+    node.restore(snapshot)
+    assert records(node) == expected and node.applied_index == 41
+    node.close()
+    node = LogFsm(tmp_path / "node")
+    assert node.applied_index == 41 and records(node) == expected
+    node.close()
