@@ -471,7 +471,9 @@ class LogFsm:
         if run:
             self.log.append_batch(run)
         with self._checkpoint_lock:  # no checkpoint may pair the old marks with the new log
-            self.addresses = addresses
+            # In place: the Raft transport and the membership reconciler hold this dict.
+            self.addresses.clear()
+            self.addresses.update(addresses)
             self.applied_index = snapshot.meta.index
             self._mark = (self.applied_index, self.log.next_offset)
             self._checkpointed = (-1, -1)

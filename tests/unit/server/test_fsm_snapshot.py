@@ -232,3 +232,22 @@ def test_a_restore_cut_short_by_a_crash_is_cut_back_and_done_again(tmp_path: Pat
     node = LogFsm(tmp_path / "node")
     assert node.applied_index == 41 and records(node) == expected
     node.close()
+
+
+def test_a_restore_updates_the_address_book_its_holders_read(tmp_path: Path) -> None:
+    """The Raft transport and the membership reconciler hold the FSM's address dict (the
+    transport its `get`): a restore must change that dict, or after it the node dials no
+    peer it learns of, such as a new leader."""
+    leader = LogFsm(tmp_path / "leader")
+    leader.apply([Entry(1, 1, EntryType.NORMAL, encode_address_cmd("n1", "host-1:1")),
+                  Entry(1, 2, EntryType.NORMAL, encode_address_cmd("n2", "host-2:2"))])
+    *_, data = leader.snapshot_steps()
+    assert data is not None
+    leader.close()
+    node = LogFsm(tmp_path / "node")
+    node.addresses["n1"] = "host-1:1"  # learned from the leader's first message
+    address_of = node.addresses.get
+    node.restore(Snapshot(SnapshotMeta(2, 1, frozenset({"n1", "n2"})), bytes(data)))
+    node.apply([Entry(1, 3, EntryType.NORMAL, encode_address_cmd("n3", "host-3:3"))])
+    assert [address_of(n) for n in ("n1", "n2", "n3")] == ["host-1:1", "host-2:2", "host-3:3"]
+    node.close()
