@@ -13,8 +13,8 @@ its commit log from it and then catches up on the rest. Measured:
   peak_anon_rss_mib   the restarted follower's peak anonymous memory (heap, not the page
                       cache its mapped files use), sampled every 20 ms
   max_stall_ms        the longest a ConsumeBatch call on the follower took, once it first
-                      answered, while it caught up: how long it stopped serving (and
-                      answering Raft and gossip, which share its event loop)
+                      answered, while it caught up (polled every 20 ms): how long it
+                      stopped serving readers, and gossip, which shares its event loop
 
 The last line is one JSON object with exactly those keys. `--quick` writes 60 MiB, not 300
 (with a 16 MiB cap); `--mib N` writes N MiB.

@@ -367,8 +367,9 @@ class RaftDriver:
             self._transport.send(rd.messages)
         if rd.snapshot is not None:
             # On the loop (readers share the commit log with the FSM, which is single-threaded),
-            # but a step at a time: a restore takes seconds per GiB, and a node that answers
-            # nothing for that long can be declared failed by gossip. bench/catchup.py, 300 MiB:
+            # but a step at a time: a restore takes seconds per GiB, and a node that serves
+            # nothing for that long can be declared failed by gossip. Readers and gossip run
+            # between steps; Raft answers wait for the next Ready. bench/catchup.py, 300 MiB:
             # the longest call to the catching-up follower 1.1 s -> 26-40 ms (max_stall_ms).
             for _ in self._fsm.restore_steps(rd.snapshot):
                 await asyncio.sleep(0)

@@ -388,9 +388,10 @@ class LogFsm:
         """Make the state the snapshot's, a few milliseconds of work per step.
 
         A snapshot is as large as the commit log, seconds per GiB to restore, and the driver
-        yields to the event loop between steps: a node whose loop stops that long answers no
-        Raft message, reader or gossip probe, and gossip declares a member that misses a
-        probe and then 2 s of suspicion failed, which removes it from the cluster.
+        yields to the event loop between steps: a node whose loop stops that long serves no
+        reader and answers no gossip probe, and gossip declares a member that misses a probe
+        and then 2 s of suspicion failed, which removes it from the cluster. (Raft messages
+        are taken in between too, but answered with the next Ready, after the restore.)
 
         The log is kept, and only the records it lacks are appended, when it is a prefix of
         the snapshot's: same first offset and its last record equal to the snapshot's at

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import threading
 import time
 import tracemalloc
@@ -481,7 +482,8 @@ async def test_a_follower_restoring_a_snapshot_gives_the_loop_back_between_steps
     """A restore takes seconds per GiB; the node's other work (Raft messages, readers,
     gossip probes) shares its event loop and must run between the restore's steps, or the
     node looks dead for that long. A task counting loop turns must advance between every
-    two steps."""
+    two steps. Once done, readers waiting at the tail are woken, and the restored state is
+    durable (a copy of the directory taken then reopens on it)."""
     source = LogFsm(tmp_path / "source")
     for b in range(24):  # 24 MiB: several steps
         values = [bytes([b]) * 1024] * 1024
@@ -507,16 +509,22 @@ async def test_a_follower_restoring_a_snapshot_gives_the_loop_back_between_steps
             await asyncio.sleep(0)
 
     fsm.restore_steps = counted_steps  # type: ignore[method-assign]
+    woken: list[int] = []
+    driver.on_applied = lambda: woken.append(fsm.log.next_offset)
     counter = asyncio.get_running_loop().create_task(count_turns())
     driver.start()
     try:
         meta = SnapshotMeta(100, 1, frozenset({"L", "f"}))
         driver.receive(InstallSnapshot(1, "L", "f", meta, 0, leaders_state, True))
         for _ in range(500):
-            if fsm.applied_index == 100:
+            if woken:
                 break
             await asyncio.sleep(0.01)
-        assert fsm.applied_index == 100 and fsm.log.next_offset == end
+        assert woken == [end], "readers at the tail were not woken by the restore"
+        shutil.copytree(tmp_path / "fsm", tmp_path / "copy")
+        copy = LogFsm(tmp_path / "copy")
+        assert (copy.applied_index, copy.log.next_offset) == (100, end), "not durable"
+        copy.close()
         assert len(seen) >= 5, f"only {len(seen)} restore steps for 24 MiB"
         stalls = [i for i in range(1, len(seen)) if seen[i] == seen[i - 1]]
         assert not stalls, f"no other task ran between restore steps {stalls}"
