@@ -476,22 +476,27 @@ async def test_a_snapshot_from_the_leader_cancels_the_local_one_being_built(
         fsm.close()
 
 
+def _leaders_state(tmp_path: Path, mib: int) -> tuple[bytes, int]:
+    """Snapshot data of a commit log of `mib` MiB of 1 KiB records, and its next offset."""
+    source = LogFsm(tmp_path / "source")
+    for b in range(mib):
+        values = [bytes([b]) * 1024] * 1024
+        source.apply([Entry(1, 2 + b, EntryType.NORMAL, encode_records_cmd(values))])
+    state = bytes(source.snapshot_data())
+    end = source.log.next_offset
+    source.close()
+    return state, end
+
+
 async def test_a_follower_restoring_a_snapshot_gives_the_loop_back_between_steps(
     tmp_path: Path,
 ) -> None:
-    """A restore takes seconds per GiB; the node's other work (Raft messages, readers,
-    gossip probes) shares its event loop and must run between the restore's steps, or the
-    node looks dead for that long. A task counting loop turns must advance between every
-    two steps. Once done, readers waiting at the tail are woken, and the restored state is
-    durable (a copy of the directory taken then reopens on it)."""
-    source = LogFsm(tmp_path / "source")
-    for b in range(24):  # 24 MiB: several steps
-        values = [bytes([b]) * 1024] * 1024
-        source.apply([Entry(1, 2 + b, EntryType.NORMAL, encode_records_cmd(values))])
-    leaders_state = bytes(source.snapshot_data())
-    end = source.log.next_offset
-    source.close()
-
+    """A restore takes seconds per GiB; the node's other work (readers, gossip probes)
+    shares its event loop and must run between the restore's steps, or the node looks dead
+    for that long. A task counting loop turns must advance between every two steps. Once
+    done, readers waiting at the tail are woken, and the restored state is durable (a copy
+    of the directory taken then reopens on it)."""
+    leaders_state, end = _leaders_state(tmp_path, 24)  # 24 MiB: several steps
     fsm, storage, driver = _follower(tmp_path)
     turns = 0
     seen: list[int] = []
@@ -531,6 +536,53 @@ async def test_a_follower_restoring_a_snapshot_gives_the_loop_back_between_steps
     finally:
         counter.cancel()
         await driver.stop()
+        storage.close()
+        fsm.close()
+
+
+async def test_stopping_a_node_abandons_its_restore_and_the_next_start_finishes_it(
+    tmp_path: Path,
+) -> None:
+    """A node told to stop mid-restore stops at the next step instead of restoring seconds
+    per GiB more first. Its state is consistent at every step: reopened, the FSM is where it
+    was before the restore, and the next driver restores the stored snapshot at start."""
+    leaders_state, end = _leaders_state(tmp_path, 24)
+    fsm, storage, driver = _follower(tmp_path)
+    seen = 0
+    real_steps = fsm.restore_steps
+
+    def counted_steps(snapshot: Snapshot) -> Generator[None, None, None]:
+        nonlocal seen
+        for step in real_steps(snapshot):
+            seen += 1
+            yield step
+
+    fsm.restore_steps = counted_steps  # type: ignore[method-assign]
+    driver.start()
+    try:
+        meta = SnapshotMeta(100, 1, frozenset({"L", "f"}))
+        driver.receive(InstallSnapshot(1, "L", "f", meta, 0, leaders_state, True))
+        for _ in range(500):
+            if seen >= 6:
+                break
+            await asyncio.sleep(0)
+        await driver.stop()
+        assert seen < 10, f"stop waited for {seen} restore steps"
+        assert fsm.applied_index == 0
+    finally:
+        await driver.stop()
+        storage.close()
+        fsm.close()
+
+    fsm = LogFsm(tmp_path / "fsm")
+    storage = RaftStorage(tmp_path / "raft")
+    assert fsm.applied_index == 0 and fsm.log.next_offset == 0
+    restarted = RaftDriver("f", storage, fsm, Recording(), config=Config(election_tick=50))
+    try:
+        assert storage.snapshot_index == 100
+        assert (fsm.applied_index, fsm.log.next_offset) == (100, end)
+    finally:
+        await restarted.stop()
         storage.close()
         fsm.close()
 
