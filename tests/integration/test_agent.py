@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -128,3 +129,26 @@ async def test_a_failing_raft_storage_ends_the_agent_with_an_error(
             await asyncio.wait_for(running, timeout=20)
     assert exit_info.value.exit_code != 0
     assert agents[0].failure is not None
+
+
+async def test_a_failing_commit_log_checkpoint_fails_the_agent(
+    pki: PkiFiles, tmp_path: Path
+) -> None:
+    """The commit log's disk fails under a checkpoint (EIO from its fsync): the node must
+    not keep serving without checkpoints (it could not vouch for its log, and its Raft log
+    would never be compacted). It reports the failure, as a Raft storage failure does."""
+    cfg = config(pki, tmp_path / "node", checkpoint_seconds=0.05)
+    agent = Agent(cfg)
+    await agent.start()
+    try:
+        async with log_stub(pki, cfg.rpc_port) as stub:
+            await produce_when_ready(stub, b"ok")
+
+            def failing_checkpoint() -> None:
+                raise OSError(errno.EIO, "Input/output error")
+
+            agent.fsm.checkpoint = failing_checkpoint  # type: ignore[method-assign]
+            await asyncio.wait_for(agent.failed.wait(), timeout=10)
+            assert isinstance(agent.failure, OSError) and agent.failure.errno == errno.EIO
+    finally:
+        await agent.shutdown()

@@ -216,7 +216,7 @@ class Agent:
         )
         self.backend = ReplicatedBackend(self.driver, self.fsm, cfg.rpc_addr)
         self.driver.on_role_change = self._on_role_change
-        self.driver.on_failed = self._on_driver_failed
+        self.driver.on_failed = self._on_storage_failed
         self.driver.start()
         self._undo.append(self._stop_driver)
         checkpoints = asyncio.get_running_loop().create_task(self._checkpoint_loop())
@@ -373,9 +373,10 @@ class Agent:
         # A peer's self-reported address fills gaps only; the replicated book is authoritative.
         self.fsm.addresses.setdefault(node_id, addr)
 
-    def _on_driver_failed(self, exc: BaseException) -> None:
-        """Raft stopped (a disk error): this node cannot take part any more. Say so, so the
-        process exits and a supervisor restarts it, rather than lingering as a zombie."""
+    def _on_storage_failed(self, exc: BaseException) -> None:
+        """Raft stopped, or a checkpoint failed (a disk error): this node cannot take part
+        any more. Say so, so the process exits and a supervisor restarts it, rather than
+        lingering as a zombie."""
         self.failure = exc
         self.failed.set()
 
@@ -400,11 +401,21 @@ class Agent:
                 await asyncio.sleep(0.05)
 
     async def _checkpoint_loop(self) -> None:
-        """Bound how much of the Raft log a restart must re-apply to the commit log."""
+        """Bound how much of the Raft log a restart must re-apply to the commit log.
+
+        A failed checkpoint (an fsync or write error on the commit log's disk) fails the
+        node: it could not vouch for its commit log any more, and without checkpoints the
+        Raft log is never compacted. A restart cuts the commit log back to the last good
+        checkpoint and applies the rest again from the Raft log."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.checkpoint_seconds)
-            await loop.run_in_executor(None, self.fsm.checkpoint)
+            try:
+                await loop.run_in_executor(None, self.fsm.checkpoint)
+            except Exception as exc:
+                log.exception("commit log checkpoint failed node=%s", self.config.node_name)
+                self._on_storage_failed(exc)
+                return
 
     # ------------------------------------------------------------------ undo
 
