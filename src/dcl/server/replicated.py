@@ -54,6 +54,11 @@ _SNAP_HEADER = struct.Struct(">QI")  # first offset, address-book JSON length
 _RESTORE_RUN_BYTES = 1 << 20
 
 
+#: Bytes applied after which the commit log is fsynced in the background (write-behind).
+#: A segment roll fsyncs on the event loop whatever the store still has dirty: 39 ms for a
+#: whole 64 MiB segment, at most 8 ms with write-behind (512 MiB applied at 50 MB/s).
+_WRITE_BEHIND_BYTES = 8 << 20
+
 #: Raft entries read per batch when re-applying them from local storage.
 _REPLAY_BATCH = 1024
 
@@ -147,6 +152,10 @@ class LogFsm:
         #: (applied index, next offset) as of the last apply, assigned as one value: what a
         #: checkpoint taken from another thread records.
         self._mark = (self.applied_index, self.log.next_offset)
+        #: Bytes appended since the last write-behind, the one in flight, and its error.
+        self._dirty = 0
+        self._behind: asyncio.Future[None] | None = None
+        self._behind_error: OSError | None = None
 
     def _load_checkpoint(self) -> tuple[int, int, int, dict[str, str]]:
         """(applied index, next offset, lowest offset, address book); a missing or unreadable
@@ -274,6 +283,10 @@ class LogFsm:
         pair an old index with a newer offset, and a restart would then apply an entry twice).
         The lock keeps checkpoints, and `restore()` replacing the log, from interleaving.
         """
+        if self._behind_error is not None:
+            # A failed fsync may have dropped the pages it could not write; a later one can
+            # then succeed without them. Vouching for these records would be a lie.
+            raise self._behind_error
         with self._checkpoint_lock:
             applied, next_offset = self._mark
             if (applied, next_offset) == self._checkpointed or self._rebuild_to is not None:
@@ -310,6 +323,7 @@ class LogFsm:
                     self.log.append_batch(
                         [encode_record(v, first + i, entry.term) for i, v in enumerate(values)]
                     )
+                    self._wrote(len(payload))
                     result = first
                 elif cmd == CMD_PEER_ADDRESS:
                     peer = raft_pb2.PeerAddressCommand.FromString(payload)
@@ -466,6 +480,7 @@ class LogFsm:
             pos += 4 + n
             if run_bytes >= _RESTORE_RUN_BYTES:
                 self.log.append_batch(run)
+                self._wrote(run_bytes)
                 run = []
                 run_bytes = 0
                 yield
@@ -478,6 +493,29 @@ class LogFsm:
             self.applied_index = snapshot.meta.index
             self._mark = (self.applied_index, self.log.next_offset)
             self._checkpointed = (-1, -1)
+
+    def _wrote(self, nbytes: int) -> None:
+        """Count appended bytes; past `_WRITE_BEHIND_BYTES`, fsync the log in an executor
+        thread (one at a time), so a segment roll or a checkpoint finds little left to
+        write. Without a running loop (tools, tests) the checkpoint does it all."""
+        self._dirty += nbytes
+        if self._dirty < _WRITE_BEHIND_BYTES or (
+            self._behind is not None and not self._behind.done()
+        ):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._dirty = 0
+        self._behind = loop.run_in_executor(None, self.log.sync)
+        self._behind.add_done_callback(self._behind_done)
+
+    def _behind_done(self, fut: asyncio.Future[None]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if isinstance(exc, OSError) and self._behind_error is None:
+            log.error("commit log write-behind fsync failed path=%s: %s", self.log.directory, exc)
+            self._behind_error = exc
 
     def _holds(self, offset: int, data: memoryview, pos: int) -> bool:
         """Whether the log's record at `offset` is the snapshot's record framed at `pos`."""
