@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) bench/raft_core.py
 	$(PY) bench/cluster.py
 	$(PY) bench/catchup.py
+	$(PY) bench/loaded.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

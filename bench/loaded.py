@@ -1,0 +1,104 @@
+"""Benchmark one-record produce latency while the cluster takes a batch write (3 nodes, mTLS).
+
+A steady batch writer is what fills segments, triggers write-behind and checkpoints, and
+queues fsyncs on the shared disk; a latency-sensitive client on the same cluster sees the
+stalls that causes. This runs both at once against the leader:
+
+  - the load: ProduceBatch calls of 512 x 1 KiB records, 4 in flight, N MiB in all;
+  - the probe: one-record Produce every 20 ms on its own connection, for as long as the
+    load runs.
+
+Measured:
+
+  write_mbps       the load's throughput
+  probe_p50_ms     probe latency while the load runs (queued behind it, so not the idle p50)
+  probe_p99_ms
+  probe_max_ms
+
+The last line is one JSON object with exactly those keys. `--quick` writes 60 MiB, not 400;
+`--mib N` writes N MiB. Snapshots are off (see bench/catchup.py for those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from cluster import pct, start_cluster, stop_cluster, wait_ready
+from grpclib.client import Channel
+
+from dcl.api.dcl.v1 import batch_grpc, batch_pb2
+from dcl.api.log.v1 import log_grpc, log_pb2
+from dcl.server.certs import generate_pki
+from dcl.tls import client_context
+
+
+async def run(mib: int) -> dict[str, float]:
+    work = Path(tempfile.mkdtemp(prefix="dcl-loaded-"))
+    pki = generate_pki(work / "pki")
+    procs, ports = start_cluster(work, pki)
+    ctx = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    channels = [Channel("127.0.0.1", p, ssl=ctx) for p in ports]
+    probe_channel: Channel | None = None
+    try:
+        li = await wait_ready(channels)
+        probe_channel = Channel("127.0.0.1", ports[li], ssl=ctx)
+        probe_stub = log_grpc.LogStub(probe_channel)
+        one = log_pb2.ProduceRequest(record=log_pb2.Record(value=b"p" * 100))
+        for _ in range(20):  # connect and warm up
+            await probe_stub.Produce(one)
+
+        writing = True
+        latencies: list[float] = []
+
+        async def probe() -> None:
+            while writing:
+                t0 = time.perf_counter()
+                await probe_stub.Produce(one, timeout=30)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                await asyncio.sleep(0.02)
+
+        leader = batch_grpc.BatchStub(channels[li])
+        values = [b"x" * 1024] * 512  # 512 KiB per call, 2 calls per MiB
+        window = asyncio.Semaphore(4)
+
+        async def write() -> None:
+            async with window:
+                await leader.ProduceBatch(batch_pb2.ProduceBatchRequest(values=values), timeout=60)
+
+        prober = asyncio.get_running_loop().create_task(probe())
+        t0 = time.perf_counter()
+        await asyncio.gather(*(write() for _ in range(mib * 2)))
+        elapsed = time.perf_counter() - t0
+        writing = False
+        await prober
+        if len(latencies) < 20:
+            raise SystemExit(f"only {len(latencies)} probes during the load: nothing measured")
+        out = {
+            "write_mbps": round(mib * 1.048576 / elapsed, 1),
+            "probe_p50_ms": round(pct(latencies, 50), 2),
+            "probe_p99_ms": round(pct(latencies, 99), 2),
+            "probe_max_ms": round(max(latencies), 2),
+        }
+        print(f"wrote {mib} MiB in {elapsed:.1f} s with {len(latencies)} probes alongside")
+        return out
+    finally:
+        if probe_channel is not None:
+            probe_channel.close()
+        stop_cluster(procs, channels, work)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--mib", type=int, help="MiB to write (default 400, or 60 --quick)")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.mib or (60 if args.quick else 400)))))
+
+
+if __name__ == "__main__":
+    main()
