@@ -23,6 +23,7 @@ from dcl.agent.agent import Agent, AgentConfig
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.cli.agent import run_agent
 from dcl.server.certs import PkiFiles
+from dcl.server.replicated import LogFsm
 from dcl.tls import client_context
 from tests.integration.cluster_harness import node_port
 
@@ -131,24 +132,30 @@ async def test_a_failing_raft_storage_ends_the_agent_with_an_error(
     assert agents[0].failure is not None
 
 
+def _io_error() -> None:
+    """A checkpoint on a failing disk."""
+    raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize("when", ["while serving", "at shutdown"])
 async def test_a_failing_commit_log_checkpoint_fails_the_agent(
-    pki: PkiFiles, tmp_path: Path
+    pki: PkiFiles, tmp_path: Path, when: str
 ) -> None:
-    """The commit log's disk fails under a checkpoint (EIO from its fsync): the node must
-    not keep serving without checkpoints (it could not vouch for its log, and its Raft log
-    would never be compacted). It reports the failure, as a Raft storage failure does."""
-    cfg = config(pki, tmp_path / "node", checkpoint_seconds=0.05)
+    """The commit log's disk fails under a checkpoint (EIO from its fsync). While serving,
+    the node must not go on without checkpoints (it could not vouch for its log, and its
+    Raft log would never be compacted again); at a stop, it must not exit as if all were
+    well. Either way it reports the failure (the process exits with an error), and the
+    commit log is still closed, not left locked."""
+    cfg = config(pki, tmp_path / "node", checkpoint_seconds=0.05 if when == "while serving" else 60)
     agent = Agent(cfg)
     await agent.start()
     try:
         async with log_stub(pki, cfg.rpc_port) as stub:
             await produce_when_ready(stub, b"ok")
-
-            def failing_checkpoint() -> None:
-                raise OSError(errno.EIO, "Input/output error")
-
-            agent.fsm.checkpoint = failing_checkpoint  # type: ignore[method-assign]
-            await asyncio.wait_for(agent.failed.wait(), timeout=10)
-            assert isinstance(agent.failure, OSError) and agent.failure.errno == errno.EIO
+            agent.fsm.checkpoint = _io_error  # type: ignore[method-assign]
+            if when == "while serving":
+                await asyncio.wait_for(agent.failed.wait(), timeout=10)
     finally:
         await agent.shutdown()
+    assert isinstance(agent.failure, OSError) and agent.failure.errno == errno.EIO
+    LogFsm(cfg.data_dir / "fsm").close()

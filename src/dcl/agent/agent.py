@@ -427,5 +427,11 @@ class Agent:
         self._storage.close()
 
     async def _close_fsm(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.fsm.checkpoint)
-        self.fsm.close()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.fsm.checkpoint)
+        except Exception as exc:  # the commit log's disk failed: exit with an error
+            if self.failure is None:
+                self._on_storage_failed(exc)
+            raise
+        finally:
+            self.fsm.close()

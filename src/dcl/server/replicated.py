@@ -155,7 +155,11 @@ class LogFsm:
         #: Bytes appended since the last write-behind, the one in flight, and its error.
         self._dirty = 0
         self._behind: asyncio.Future[None] | None = None
-        self._behind_error: OSError | None = None
+        self._behind_error: Exception | None = None
+        #: Held by a write-behind and by a checkpoint's fsync: Linux reports a writeback
+        #: error to one fsync of a file only, so a checkpoint must see the write-behind's
+        #: outcome before it syncs and vouches.
+        self._sync_lock = threading.Lock()
 
     def _load_checkpoint(self) -> tuple[int, int, int, dict[str, str]]:
         """(applied index, next offset, lowest offset, address book); a missing or unreadable
@@ -283,17 +287,18 @@ class LogFsm:
         pair an old index with a newer offset, and a restart would then apply an entry twice).
         The lock keeps checkpoints, and `restore()` replacing the log, from interleaving.
         """
-        if self._behind_error is not None:
-            # A failed fsync may have dropped the pages it could not write; a later one can
-            # then succeed without them. Vouching for these records would be a lie.
-            raise self._behind_error
         with self._checkpoint_lock:
             applied, next_offset = self._mark
             if (applied, next_offset) == self._checkpointed or self._rebuild_to is not None:
                 return  # unchanged, or the log is not yet consistent with any applied index
             lowest = self.log.lowest_offset
             addresses = dict(self.addresses)
-            self.log.sync()
+            with self._sync_lock:
+                if self._behind_error is not None:
+                    # A failed fsync may have dropped the pages it could not write; a later
+                    # one can then succeed without them: vouching for them would be a lie.
+                    raise self._behind_error
+                self.log.sync()
             body = json.dumps({
                 "applied": applied, "next_offset": next_offset, "lowest_offset": lowest,
                 "addresses": addresses,
@@ -486,6 +491,7 @@ class LogFsm:
                 yield
         if run:
             self.log.append_batch(run)
+            self._wrote(run_bytes)
         with self._checkpoint_lock:  # no checkpoint may pair the old marks with the new log
             # In place: the Raft transport and the membership reconciler hold this dict.
             self.addresses.clear()
@@ -508,14 +514,19 @@ class LogFsm:
         except RuntimeError:
             return
         self._dirty = 0
-        self._behind = loop.run_in_executor(None, self.log.sync)
-        self._behind.add_done_callback(self._behind_done)
+        self._behind = loop.run_in_executor(None, self._write_behind)
 
-    def _behind_done(self, fut: asyncio.Future[None]) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if isinstance(exc, OSError) and self._behind_error is None:
-            log.error("commit log write-behind fsync failed path=%s: %s", self.log.directory, exc)
-            self._behind_error = exc
+    def _write_behind(self) -> None:
+        """fsync the log (an executor thread); a failure is kept for every later checkpoint."""
+        with self._sync_lock:
+            if self._behind_error is not None:
+                return
+            try:
+                self.log.sync()
+            except Exception as exc:  # an OSError (EIO, ENOSPC); anything else is a bug
+                log.error("commit log write-behind fsync failed path=%s: %r",
+                          self.log.directory, exc)
+                self._behind_error = exc
 
     def _holds(self, offset: int, data: memoryview, pos: int) -> bool:
         """Whether the log's record at `offset` is the snapshot's record framed at `pos`."""

@@ -493,19 +493,29 @@ async def test_a_follower_restoring_a_snapshot_gives_the_loop_back_between_steps
 ) -> None:
     """A restore takes seconds per GiB; the node's other work (readers, gossip probes)
     shares its event loop and must run between the restore's steps, or the node looks dead
-    for that long. A task counting loop turns must advance between every two steps. Once
-    done, readers waiting at the tail are woken, and the restored state is durable (a copy
-    of the directory taken then reopens on it)."""
+    for that long. A task counting loop turns must advance between every two steps, and
+    the restored records are fsynced behind in a thread (not all by the final checkpoint).
+    Once done, readers waiting at the tail are woken, and the restored state is durable (a
+    copy of the directory taken then reopens on it)."""
     leaders_state, end = _leaders_state(tmp_path, 24)  # 24 MiB: several steps
     fsm, storage, driver = _follower(tmp_path)
     turns = 0
     seen: list[int] = []
     real_steps = fsm.restore_steps
+    background: list[str] = []  # fsyncs off the loop thread during the restore
+    real_sync = fsm.log.sync
 
     def counted_steps(snapshot: Snapshot) -> Generator[None, None, None]:
         for step in real_steps(snapshot):
             seen.append(turns)
             yield step
+
+    def recorded_sync() -> None:
+        if threading.current_thread() is not threading.main_thread() and len(seen) < 27:
+            background.append(threading.current_thread().name)
+        real_sync()
+
+    fsm.log.sync = recorded_sync  # type: ignore[method-assign]
 
     async def count_turns() -> None:
         nonlocal turns
@@ -530,7 +540,8 @@ async def test_a_follower_restoring_a_snapshot_gives_the_loop_back_between_steps
         copy = LogFsm(tmp_path / "copy")
         assert (copy.applied_index, copy.log.next_offset) == (100, end), "not durable"
         copy.close()
-        assert len(seen) >= 5, f"only {len(seen)} restore steps for 24 MiB"
+        assert len(seen) == 27, f"{len(seen)} restore steps for 24 MiB, expected 3 + 24"
+        assert background, "the restored records were not written behind"
         stalls = [i for i in range(1, len(seen)) if seen[i] == seen[i - 1]]
         assert not stalls, f"no other task ran between restore steps {stalls}"
     finally:
