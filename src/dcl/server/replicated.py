@@ -79,6 +79,49 @@ def encode_address_cmd(node_id: str, rpc_addr: str) -> bytes:
     return bytes([CMD_PEER_ADDRESS]) + payload
 
 
+def _snapshot_header(data: memoryview) -> tuple[int, dict[str, str], int]:
+    """(first offset, address book, position of the first record) of snapshot data."""
+    try:
+        first, book_len = _SNAP_HEADER.unpack_from(data, 0)
+        pos = _SNAP_HEADER.size
+        if pos + book_len > len(data):
+            raise ValueError("address book runs past the end")
+        addresses = json.loads(bytes(data[pos : pos + book_len]))
+        if not isinstance(addresses, dict):
+            raise ValueError("address book is not an object")
+    except (struct.error, ValueError) as exc:
+        raise CorruptRecord("snapshot", 0, f"bad header: {exc}") from None
+    return first, addresses, pos + book_len
+
+
+def _check_framing(
+    data: memoryview, pos: int, have: int
+) -> Generator[None, None, tuple[int, int, int]]:
+    """Check every record's framing from `pos` on, 8 runs' worth per step (CorruptRecord if
+    broken); return the record count, the position after the first `have` records, and
+    that of the `have`-th record (-1 if the snapshot holds fewer)."""
+    unpack = _U32.unpack_from
+    size = len(data)
+    after, last, count = pos, -1, 0
+    step_end = pos + 8 * _RESTORE_RUN_BYTES
+    while pos < size:
+        n = unpack(data, pos)[0] if pos + 4 <= size else -1
+        if n < 0 or pos + 4 + n > size:
+            raise CorruptRecord("snapshot", pos, f"record framing runs past the end ({size})")
+        if n == 0:
+            raise CorruptRecord("snapshot", pos, "empty record")
+        if count == have - 1:
+            last = pos
+        pos += 4 + n
+        count += 1
+        if count == have:
+            after = pos
+        if pos >= step_end:
+            step_end = pos + 8 * _RESTORE_RUN_BYTES
+            yield
+    return count, after, last
+
+
 class LogFsm:
     """Applies committed entries to the commit log; see the module docstring for durability.
 
@@ -427,55 +470,45 @@ class LogFsm:
         and restores again.
         """
         data = memoryview(snapshot.data)
-        size = len(data)
-        try:
-            first, book_len = _SNAP_HEADER.unpack_from(data, 0)
-            pos = _SNAP_HEADER.size
-            if pos + book_len > size:
-                raise ValueError("address book runs past the end")
-            addresses = json.loads(bytes(data[pos : pos + book_len]))
-            if not isinstance(addresses, dict):
-                raise ValueError("address book is not an object")
-        except (struct.error, ValueError) as exc:
-            raise CorruptRecord("snapshot", 0, f"bad header: {exc}") from None
-        pos += book_len
+        first, addresses, records_at = _snapshot_header(data)
         have = self.log.next_offset - first  # records of ours the snapshot might start with
-        keep = self._rebuild_to is None and self.log.lowest_offset == first and have >= 0
-        start = pos  # of the first record to append
-        last = -1  # of the snapshot's record at our last offset
-        count = 0
-        unpack = _U32.unpack_from
-        step_end = pos + 8 * _RESTORE_RUN_BYTES
-        while pos < size:
-            n = unpack(data, pos)[0] if pos + 4 <= size else -1
-            if n < 0 or pos + 4 + n > size:
-                raise CorruptRecord("snapshot", pos, f"record framing runs past the end ({size})")
-            if n == 0:
-                raise CorruptRecord("snapshot", pos, "empty record")
-            if count == have - 1:
-                last = pos
-            pos += 4 + n
-            count += 1
-            if count == have:
-                start = pos
-            if pos >= step_end:
-                step_end = pos + 8 * _RESTORE_RUN_BYTES
-                yield
-        if keep and have > 0:
-            keep = last >= 0 and self._holds(first + have - 1, data, last)
-            if not keep:
-                log.error(
-                    "commit log disagrees with the leader's snapshot; replacing it path=%s "
-                    "next_offset=%d snapshot_first=%d snapshot_records=%d",
-                    self.log.directory, self.log.next_offset, first, count)
-        if not keep:
+        count, after_ours, our_last = yield from _check_framing(data, records_at, have)
+        if not self._is_prefix_of(data, first, have, our_last, count):
             with self._checkpoint_lock:  # a checkpoint meanwhile records "nothing applied"
                 self._rebuild_to = None
                 self.log.reset(first)
                 self.applied_index = 0
                 self._mark = (0, first)
-            start = _SNAP_HEADER.size + book_len
-        pos = start
+            after_ours = records_at
+        yield from self._append_from(data, after_ours)
+        with self._checkpoint_lock:  # no checkpoint may pair the old marks with the new log
+            # In place: the Raft transport and the membership reconciler hold this dict.
+            self.addresses.clear()
+            self.addresses.update(addresses)
+            self.applied_index = snapshot.meta.index
+            self._mark = (self.applied_index, self.log.next_offset)
+            self._checkpointed = (-1, -1)
+
+    def _is_prefix_of(
+        self, data: memoryview, first: int, have: int, our_last: int, count: int
+    ) -> bool:
+        """Whether the log holds the snapshot's first `have` records: it starts where the
+        snapshot does, is not pending rebuild, and its last record is the snapshot's record
+        framed at `our_last` (-1: the snapshot has fewer than `have`). Logs a disagreement."""
+        if self._rebuild_to is not None or self.log.lowest_offset != first or have < 0:
+            return False
+        if have == 0 or (our_last >= 0 and self._holds(first + have - 1, data, our_last)):
+            return True
+        log.error(
+            "commit log disagrees with the leader's snapshot; replacing it path=%s "
+            "next_offset=%d snapshot_first=%d snapshot_records=%d",
+            self.log.directory, self.log.next_offset, first, count)
+        return False
+
+    def _append_from(self, data: memoryview, pos: int) -> Generator[None, None, None]:
+        """Append the snapshot's records framed from `pos` on, a run per step."""
+        unpack = _U32.unpack_from
+        size = len(data)
         run: list[memoryview] = []
         run_bytes = 0
         while pos < size:
@@ -492,13 +525,6 @@ class LogFsm:
         if run:
             self.log.append_batch(run)
             self._wrote(run_bytes)
-        with self._checkpoint_lock:  # no checkpoint may pair the old marks with the new log
-            # In place: the Raft transport and the membership reconciler hold this dict.
-            self.addresses.clear()
-            self.addresses.update(addresses)
-            self.applied_index = snapshot.meta.index
-            self._mark = (self.applied_index, self.log.next_offset)
-            self._checkpointed = (-1, -1)
 
     def _wrote(self, nbytes: int) -> None:
         """Count appended bytes; past `_WRITE_BEHIND_BYTES`, fsync the log in an executor

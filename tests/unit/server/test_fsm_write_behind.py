@@ -76,13 +76,17 @@ async def test_a_checkpoint_racing_a_failing_background_fsync_does_not_vouch(
         with caplog.at_level("ERROR", logger="dcl.server.replicated"):
             for i in range(9):
                 fsm.apply([Entry(1, 2 + i, EntryType.NORMAL, encode_records_cmd(_MIB))])
-            for _ in range(100):
+            for _ in range(500):
                 if calls:
                     break
                 await asyncio.sleep(0.01)
             assert calls, "no background fsync started"
             checkpoint = loop.run_in_executor(None, fsm.checkpoint)
-            await asyncio.sleep(0.05)
+            for _ in range(500):  # until the checkpoint is under way, waiting on the fsync
+                if fsm._checkpoint_lock.locked():
+                    break
+                await asyncio.sleep(0.01)
+            assert fsm._checkpoint_lock.locked(), "the checkpoint did not start"
             release.set()
             with pytest.raises(OSError) as info:
                 await checkpoint
