@@ -44,7 +44,7 @@ from typing import BinaryIO
 from dcl.errors import CorruptRecord, InvalidRequest
 from dcl.raft.types import Entry, HardState, Snapshot, SnapshotMeta
 from dcl.storage import Log, LogConfig, LogInUse
-from dcl.storage.files import TMP_SUFFIX, fsync_directory, replace_atomically
+from dcl.storage.files import TMP_SUFFIX, fsync_directory, map_readonly, replace_atomically
 
 logger = logging.getLogger("dcl.raft.storage")
 
@@ -188,7 +188,7 @@ def _map_snapshot(path: Path, verify: bool = True) -> Snapshot | None:
         size = os.fstat(fd).st_size
         if size == 0:
             return _decode_snapshot(b"", str(path))
-        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        mapped = map_readonly(fd)
     finally:
         os.close(fd)
     return _decode_snapshot(mapped, str(path), verify)
@@ -228,7 +228,7 @@ class FileSpool:
             self.close()
             return b""
         f.flush()
-        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        mapped = map_readonly(f.fileno())
         size = self._size
         self.close()
         if len(mapped) != size:  # never hand the core a snapshot of the wrong length

@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import mmap
 import os
 import struct
 import threading
@@ -38,7 +37,7 @@ from dcl.raft.types import Entry, EntryType, Role, Snapshot
 from dcl.server.backend import ServerInfo
 from dcl.server.records import encode_record
 from dcl.storage import Log, LogConfig
-from dcl.storage.files import replace_atomically
+from dcl.storage.files import map_readonly, replace_atomically
 
 __all__ = ["CMD_PEER_ADDRESS", "CMD_RECORDS", "LogFsm", "ReplicatedBackend", "encode_records_cmd"]
 
@@ -429,7 +428,7 @@ class LogFsm:
                 if offset < end:
                     yield None
             out.flush()
-            mapped = mmap.mmap(out.fileno(), 0, prot=mmap.PROT_READ)
+            mapped = map_readonly(out.fileno())
         except CorruptRecord:
             log.error("commit log damaged while running: full verification at next open "
                       "path=%s offset=%d", self.log.directory, offset)

@@ -1,12 +1,64 @@
-"""Small durable-file helpers shared by the Raft storage and the FSM checkpoint."""
+"""Small file helpers shared by the storage engine, the Raft storage and the FSM."""
 
 from __future__ import annotations
 
+import logging
+import mmap
 import os
+import queue
+import threading
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "fsync_directory", "replace_atomically"]
+__all__ = ["TMP_SUFFIX", "close_later", "fsync_directory", "map_readonly", "replace_atomically"]
+
+log = logging.getLogger(__name__)
+
+_closing: queue.SimpleQueue[int] = queue.SimpleQueue()
+_closer_lock = threading.Lock()
+_closer: threading.Thread | None = None
+
+
+def close_later(fd: int) -> None:
+    """Close `fd` on a background thread.
+
+    When it holds the last reference to a deleted file (a removed segment, a replaced
+    snapshot), the kernel frees the file's blocks and page cache inside that close: 16 ms
+    for 64 MiB and 100 ms for 400 MB here, a stall if the event loop did it. The name is
+    gone already, so nothing else can see the file meanwhile.
+    """
+    global _closer
+    _closing.put(fd)
+    if _closer is None:
+        with _closer_lock:
+            if _closer is None:
+                _closer = threading.Thread(target=_close_forever, name="dcl-closer", daemon=True)
+                _closer.start()
+
+
+def _close_forever() -> None:
+    while True:
+        fd = _closing.get()
+        try:
+            os.close(fd)
+        except OSError as exc:  # the file is deleted; nothing is lost, but say so
+            log.warning("closing a released file failed fd=%d: %s", fd, exc)
+
+
+def map_readonly(fd: int) -> mmap.mmap:
+    """Map the whole file behind `fd` read-only, holding a duplicate of `fd` until the map
+    is gone; then `close_later` closes it. The mapping pins the file's blocks, and without
+    the duplicate its unmapping, wherever the last reference drops (often the event loop),
+    would be the one to free them once the file is deleted or replaced."""
+    held = os.dup(fd)
+    try:
+        mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    except BaseException:
+        os.close(held)
+        raise
+    weakref.finalize(mapped, close_later, held)
+    return mapped
 
 #: Suffix of the temporary file `replace_atomically` writes first; a leftover one is the
 #: trace of a replace interrupted by a crash and may be deleted.

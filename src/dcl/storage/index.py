@@ -17,6 +17,8 @@ import mmap
 import os
 import struct
 
+from dcl.storage.files import close_later
+
 ENTRY = struct.Struct(">IQ")
 ENTRY_SIZE = ENTRY.size  # 12
 _POSITION = struct.Struct(">Q")
@@ -106,6 +108,15 @@ class Index:
         """Write dirty pages of the map to disk."""
         self.mm.flush()
         os.fsync(self._fd)
+
+    def release(self) -> None:
+        """Close an index whose file was deleted: unmapped unflushed, and the descriptor
+        closed in the background (it may be the last reference to the file's blocks)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.mm.close()
+        close_later(self._fd)
 
     def close(self) -> None:
         """Flush the map, fsync, unmap, truncate to the real size, close (crash-safe order)."""

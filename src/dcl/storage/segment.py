@@ -299,11 +299,14 @@ class Segment:
         self.index.close()
 
     def remove(self) -> None:
-        """Close and delete both files (store first: an orphan index is discarded on open)."""
-        self.close()
+        """Delete both files (store first: an orphan index is discarded on open). Their names
+        go now, unflushed; their blocks are freed in the background (see `close_later`), not
+        by the caller: compaction runs on the event loop."""
         for path in (self.store.path, self.index.path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        self.store.release()
+        self.index.release()
 
     # -- recovery ---------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import threading
 import zlib
 
 from dcl.errors import CorruptRecord
+from dcl.storage.files import close_later
 
 BytesLike = bytes | bytearray | memoryview
 
@@ -154,6 +155,16 @@ class Store:
                 self._write_buffer()
             self._closed = True
             os.close(self._fd)
+
+    def release(self) -> None:
+        """Close a store whose file was deleted: nothing is written, and the descriptor is
+        closed in the background (it may be the last reference to the file's blocks)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._buffer.clear()
+            self._closed = True
+            close_later(self._fd)
 
     def _write_buffer(self) -> None:
         """Caller holds `_lock`. Drops from the buffer exactly what reached the file."""

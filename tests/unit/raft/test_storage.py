@@ -7,6 +7,7 @@ synced size (what a power loss may leave of unsynced writes).
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import shutil
@@ -29,6 +30,7 @@ from dcl.raft.types import (
     SnapshotMeta,
 )
 from dcl.storage import LogInUse
+from tests.unit.storage.helpers import ReleaseWatch
 
 SMALL = 256  # bytes per segment: forces many segments
 
@@ -345,6 +347,25 @@ def test_the_held_snapshot_is_read_from_its_file_and_outlives_a_replacement(
         assert s.snapshot == snap(9, 1, b"newer")
         assert isinstance(s.snapshot.data, memoryview)
 
+
+
+def test_a_replaced_snapshot_is_freed_in_the_background_once_let_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replaced snapshot file stays readable for its holders; when the last one lets
+    go, its blocks (as large as the commit log: ~100 ms to free 400 MB) are freed by the
+    background closer, not by the thread that dropped it (the event loop)."""
+    watch = ReleaseWatch(tmp_path, monkeypatch)
+    with RaftStorage(tmp_path) as s:
+        s.save_snapshot(snap(5, 1, os.urandom(1 << 20)))
+        held = s.snapshot
+        s.save_snapshot(snap(9, 1, b"newer"))
+        assert held is not None and len(held.data) == 1 << 20
+        assert watch.still_open() >= 1, "the replaced file should stay open for its holder"
+        del held
+        gc.collect()
+        watch.wait_all_closed()
+    assert set(watch.closed_by) == {"dcl-closer"}, f"closed by {set(watch.closed_by)}"
 
 def test_leftover_temp_files_are_removed(tmp_path: Path) -> None:
     RaftStorage(tmp_path).close()

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
 
 from dcl.storage import Log
 
@@ -30,3 +35,36 @@ def flipped(path: str, position: int) -> None:
         byte = f.read(1)
         f.seek(position)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+class ReleaseWatch:
+    """Which threads close descriptors of deleted files under `root`, and which such
+    descriptors are still open: the file's blocks are freed at that last close."""
+
+    def __init__(self, root: Path, patch: pytest.MonkeyPatch) -> None:
+        self.root = str(root)
+        self.closed_by: list[str] = []
+        real_close = os.close
+
+        def close(fd: int) -> None:
+            if self._deleted_target(fd):
+                self.closed_by.append(threading.current_thread().name)
+            real_close(fd)
+
+        patch.setattr(os, "close", close)
+
+    def _deleted_target(self, fd: int | str) -> bool:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return False
+        return target.startswith(self.root) and target.endswith(" (deleted)")
+
+    def still_open(self) -> int:
+        return sum(self._deleted_target(fd) for fd in os.listdir("/proc/self/fd"))
+
+    def wait_all_closed(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.still_open() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.still_open() == 0, "deleted files are still held open"

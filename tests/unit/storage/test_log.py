@@ -12,7 +12,7 @@ import pytest
 from dcl.errors import CorruptRecord, InvalidRequest, OffsetOutOfRange
 from dcl.storage import Log, LogClosed, LogConfig, LogInUse, iter_records
 from dcl.storage.store import HEADER_SIZE
-from tests.unit.storage.helpers import crash, flipped
+from tests.unit.storage.helpers import ReleaseWatch, crash, flipped
 
 SMALL = LogConfig(max_store_bytes=256, max_index_bytes=12 * 8)
 
@@ -469,4 +469,24 @@ def test_closed_segments_are_synced_when_the_log_rolls(tmp_path: Path) -> None:
     log = Log(tmp_path, SMALL)
     assert log.next_offset >= rolled_into
     assert [log.read(i) for i in range(rolled_into)] == data[:rolled_into]
+    log.close()
+
+
+def test_removed_segments_are_freed_in_the_background_not_by_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compaction runs on the event loop, and freeing a deleted 64 MiB file takes ~16 ms
+    inside its last close: the segments' names go at once, and their descriptors are
+    closed by the background closer, never by the thread that compacted."""
+    log = Log(tmp_path, SMALL)
+    data = values(100)
+    log.append_batch(data)
+    watch = ReleaseWatch(tmp_path, monkeypatch)
+    before = len(store_files(tmp_path))
+    log.truncate_before(50)
+    assert len(store_files(tmp_path)) < before and len(index_files(tmp_path)) < before
+    watch.wait_all_closed()
+    assert watch.closed_by, "no deleted segment file was closed"
+    assert set(watch.closed_by) == {"dcl-closer"}, f"closed by {set(watch.closed_by)}"
+    assert [log.read(i) for i in range(log.lowest_offset, 100)] == data[log.lowest_offset :]
     log.close()
