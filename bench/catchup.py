@@ -17,7 +17,8 @@ its commit log from it and then catches up on the rest. Measured:
                       stopped serving readers, and gossip, which shares its event loop
 
 The last line is one JSON object with exactly those keys. `--quick` writes 60 MiB, not 300
-(with a 16 MiB cap); `--mib N` writes N MiB.
+(with a 16 MiB cap); `--mib N` writes N MiB. `--held-mib H` first writes H MiB with the
+follower up: it then holds them, receives a snapshot of H + N MiB and appends only the N.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster import agent_args, start_cluster, stop_cluster, wait_ready
+from cluster import agent_args, start_cluster, stop_cluster, wait_applied, wait_ready
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -63,7 +64,7 @@ async def stable_size(path: Path, still: float = 1.0, timeout: float = 60.0) -> 
     raise SystemExit(f"{path} still changing after {timeout} s")
 
 
-async def run(quick: bool, mib: int | None = None) -> dict[str, float]:
+async def run(quick: bool, mib: int | None = None, held_mib: int = 0) -> dict[str, float]:
     mib = mib or (60 if quick else 300)
     log_cap = (16 if quick else 64) << 20  # a few snapshots while writing
     work = Path(tempfile.mkdtemp(prefix="dcl-catchup-"))
@@ -76,9 +77,6 @@ async def run(quick: bool, mib: int | None = None) -> dict[str, float]:
     try:
         li = await wait_ready(channels)
         fi = (li + 1) % 3
-        procs[fi].kill()
-        procs[fi].wait()
-
         leader = batch_grpc.BatchStub(channels[li])
         values = [b"x" * 1024] * 512  # 512 KiB per call, 2 calls per MiB
         window = asyncio.Semaphore(4)
@@ -87,11 +85,18 @@ async def run(quick: bool, mib: int | None = None) -> dict[str, float]:
             async with window:
                 await leader.ProduceBatch(batch_pb2.ProduceBatchRequest(values=values), timeout=60)
 
+        if held_mib:
+            await asyncio.gather(*(one() for _ in range(held_mib * 2)))
+            await wait_applied(batch_grpc.BatchStub(channels[fi]), held_mib * 2 * len(values))
+            print(f"wrote {held_mib} MiB that the follower holds")
+        procs[fi].kill()
+        procs[fi].wait()
+
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(mib * 2)))
         out["write_mbps"] = round(mib * 1.048576 / (time.perf_counter() - t0), 1)
         print(f"wrote {mib} MiB with a follower down: {out['write_mbps']} MB/s")
-        end = mib * 2 * len(values)
+        end = (held_mib + mib) * 2 * len(values)
         # Let the leader's background snapshot finish, so the follower gets a whole one.
         await stable_size(work / f"n{li}" / "raft" / "snapshot" / "snapshot")
 
@@ -150,8 +155,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--mib", type=int, help="MiB to write (default 300, or 60 --quick)")
+    parser.add_argument("--held-mib", type=int, default=0,
+                        help="MiB written first, with the follower up (it keeps them)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.quick, args.mib))))
+    print(json.dumps(asyncio.run(run(args.quick, args.mib, args.held_mib))))
 
 
 if __name__ == "__main__":
