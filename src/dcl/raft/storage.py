@@ -44,7 +44,13 @@ from typing import BinaryIO
 from dcl.errors import CorruptRecord, InvalidRequest
 from dcl.raft.types import Entry, HardState, Snapshot, SnapshotMeta
 from dcl.storage import Log, LogConfig, LogInUse
-from dcl.storage.files import TMP_SUFFIX, fsync_directory, map_readonly, replace_atomically
+from dcl.storage.files import (
+    TMP_SUFFIX,
+    close_later,
+    fsync_directory,
+    map_readonly,
+    replace_atomically,
+)
 
 logger = logging.getLogger("dcl.raft.storage")
 
@@ -237,12 +243,17 @@ class FileSpool:
         return memoryview(mapped)
 
     def close(self) -> None:
-        """Drop what is held (the file's blocks go with the last mapping of them)."""
+        """Drop what is held: the file's blocks go with the last mapping of them, or, for a
+        snapshot dropped partway (hundreds of MB), with a descriptor `close_later` closes."""
+        held = -1
         if self._file is not None:
+            held = os.dup(self._file.fileno())
             self._file.close()
             self._file = None
         self._size = 0
         self._path.unlink(missing_ok=True)
+        if held >= 0:
+            close_later(held)
 
 
 class RaftStorage:

@@ -367,6 +367,22 @@ def test_a_replaced_snapshot_is_freed_in_the_background_once_let_go(
         watch.wait_all_closed()
     assert set(watch.closed_by) == {"dcl-closer"}, f"closed by {set(watch.closed_by)}"
 
+
+def test_a_snapshot_dropped_partway_is_freed_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partly received snapshot dropped (a new term, a newer snapshot) can be hundreds of
+    MB: its spool file is deleted at once and freed by the background closer."""
+    watch = ReleaseWatch(tmp_path, monkeypatch)
+    with RaftStorage(tmp_path) as s:
+        spool = s.snapshot_spool
+        spool.restart(os.urandom(1 << 20))
+        spool.extend(os.urandom(1 << 20))
+        spool.close()
+        assert not list((tmp_path / "snapshot").glob("incoming*"))
+        watch.wait_all_closed()
+    assert set(watch.closed_by) == {"dcl-closer"}, f"closed by {set(watch.closed_by)}"
+
 def test_leftover_temp_files_are_removed(tmp_path: Path) -> None:
     RaftStorage(tmp_path).close()
     (tmp_path / "state" / "hard_state.tmp").write_bytes(b"torn")
