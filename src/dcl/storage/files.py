@@ -26,15 +26,21 @@ def close_later(fd: int) -> None:
     When it holds the last reference to a deleted file (a removed segment, a replaced
     snapshot), the kernel frees the file's blocks and page cache inside that close: 16 ms
     for 64 MiB and 100 ms for 400 MB here, a stall if the event loop did it. The name is
-    gone already, so nothing else can see the file meanwhile.
+    gone already, so nothing else can see the file meanwhile. If no thread can be started
+    (interpreter shutdown), it is closed here and now.
     """
     global _closer
-    _closing.put(fd)
     if _closer is None:
         with _closer_lock:
             if _closer is None:
-                _closer = threading.Thread(target=_close_forever, name="dcl-closer", daemon=True)
-                _closer.start()
+                thread = threading.Thread(target=_close_forever, name="dcl-closer", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # "can't create new thread at interpreter shutdown"
+                    os.close(fd)
+                    return
+                _closer = thread
+    _closing.put(fd)
 
 
 def _close_forever() -> None:
@@ -44,6 +50,16 @@ def _close_forever() -> None:
             os.close(fd)
         except OSError as exc:  # the file is deleted; nothing is lost, but say so
             log.warning("closing a released file failed fd=%d: %s", fd, exc)
+
+
+def _forget_closer() -> None:
+    """In a forked child the closer thread is gone: start another on first use."""
+    global _closer, _closing
+    _closer = None
+    _closing = queue.SimpleQueue()
+
+
+os.register_at_fork(after_in_child=_forget_closer)
 
 
 def map_readonly(fd: int) -> mmap.mmap:

@@ -302,11 +302,13 @@ class Segment:
         """Delete both files (store first: an orphan index is discarded on open). Their names
         go now, unflushed; their blocks are freed in the background (see `close_later`), not
         by the caller: compaction runs on the event loop."""
-        for path in (self.store.path, self.index.path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self.store.release()
-        self.index.release()
+        try:
+            for path in (self.store.path, self.index.path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        finally:
+            self.store.release()
+            self.index.release()
 
     # -- recovery ---------------------------------------------------------------------------
 

@@ -44,24 +44,30 @@ class ReleaseWatch:
     def __init__(self, root: Path, patch: pytest.MonkeyPatch) -> None:
         self.root = str(root)
         self.closed_by: list[str] = []
+        #: (path relative to root, thread) of each deleted file closed through os.close.
+        self.closed: list[tuple[str, str]] = []
         real_close = os.close
 
         def close(fd: int) -> None:
-            if self._deleted_target(fd):
+            target = self._deleted_target(fd)
+            if target:
                 self.closed_by.append(threading.current_thread().name)
+                self.closed.append((target, threading.current_thread().name))
             real_close(fd)
 
         patch.setattr(os, "close", close)
 
-    def _deleted_target(self, fd: int | str) -> bool:
+    def _deleted_target(self, fd: int | str) -> str:
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
-            return False
-        return target.startswith(self.root) and target.endswith(" (deleted)")
+            return ""
+        if target.startswith(self.root) and target.endswith(" (deleted)"):
+            return os.path.relpath(target.removesuffix(" (deleted)"), self.root)
+        return ""
 
     def still_open(self) -> int:
-        return sum(self._deleted_target(fd) for fd in os.listdir("/proc/self/fd"))
+        return sum(bool(self._deleted_target(fd)) for fd in os.listdir("/proc/self/fd"))
 
     def wait_all_closed(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
