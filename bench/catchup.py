@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster import agent_args, start_cluster, stop_cluster, wait_applied, wait_ready
+from cluster import agent_args, start_cluster, stop_cluster, wait_applied, wait_ready, write_mib
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -78,25 +78,18 @@ async def run(quick: bool, mib: int | None = None, held_mib: int = 0) -> dict[st
         li = await wait_ready(channels)
         fi = (li + 1) % 3
         leader = batch_grpc.BatchStub(channels[li])
-        values = [b"x" * 1024] * 512  # 512 KiB per call, 2 calls per MiB
-        window = asyncio.Semaphore(4)
-
-        async def one() -> None:
-            async with window:
-                await leader.ProduceBatch(batch_pb2.ProduceBatchRequest(values=values), timeout=60)
-
+        held = 0
         if held_mib:
-            await asyncio.gather(*(one() for _ in range(held_mib * 2)))
-            await wait_applied(batch_grpc.BatchStub(channels[fi]), held_mib * 2 * len(values))
+            held = await write_mib(leader, held_mib)
+            await wait_applied(batch_grpc.BatchStub(channels[fi]), held)
             print(f"wrote {held_mib} MiB that the follower holds")
         procs[fi].kill()
         procs[fi].wait()
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(mib * 2)))
+        end = held + await write_mib(leader, mib)
         out["write_mbps"] = round(mib * 1.048576 / (time.perf_counter() - t0), 1)
         print(f"wrote {mib} MiB with a follower down: {out['write_mbps']} MB/s")
-        end = (held_mib + mib) * 2 * len(values)
         # Let the leader's background snapshot finish, so the follower gets a whole one.
         await stable_size(work / f"n{li}" / "raft" / "snapshot" / "snapshot")
 

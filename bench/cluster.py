@@ -98,6 +98,20 @@ async def wait_applied(stub: batch_grpc.BatchStub, next_offset: int) -> None:
         await asyncio.sleep(0.05)
 
 
+async def write_mib(stub: batch_grpc.BatchStub, mib: int) -> int:
+    """Write `mib` MiB of 1 KiB records through ProduceBatch, 512 per call, 4 calls in
+    flight (the background load of bench/catchup.py and bench/loaded.py); the record count."""
+    values = [b"x" * 1024] * 512
+    window = asyncio.Semaphore(4)
+
+    async def one() -> None:
+        async with window:
+            await stub.ProduceBatch(batch_pb2.ProduceBatchRequest(values=values), timeout=60)
+
+    await asyncio.gather(*(one() for _ in range(mib * 2)))
+    return mib * 2 * len(values)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

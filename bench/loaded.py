@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster import pct, start_cluster, stop_cluster, wait_ready
+from cluster import pct, start_cluster, stop_cluster, wait_ready, write_mib
 from grpclib.client import Channel
 
-from dcl.api.dcl.v1 import batch_grpc, batch_pb2
+from dcl.api.dcl.v1 import batch_grpc
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.server.certs import generate_pki
 from dcl.tls import client_context
@@ -62,17 +62,9 @@ async def run(mib: int) -> dict[str, float]:
                 latencies.append((time.perf_counter() - t0) * 1000)
                 await asyncio.sleep(0.02)
 
-        leader = batch_grpc.BatchStub(channels[li])
-        values = [b"x" * 1024] * 512  # 512 KiB per call, 2 calls per MiB
-        window = asyncio.Semaphore(4)
-
-        async def write() -> None:
-            async with window:
-                await leader.ProduceBatch(batch_pb2.ProduceBatchRequest(values=values), timeout=60)
-
         prober = asyncio.get_running_loop().create_task(probe())
         t0 = time.perf_counter()
-        await asyncio.gather(*(write() for _ in range(mib * 2)))
+        await write_mib(batch_grpc.BatchStub(channels[li]), mib)
         elapsed = time.perf_counter() - t0
         writing = False
         await prober

@@ -234,8 +234,10 @@ class FileSpool:
             self.close()
             return b""
         f.flush()
-        mapped = map_readonly(f.fileno())
+        mapped = map_readonly(f.fileno())  # holds the file from here on
         size = self._size
+        f.close()
+        self._file = None
         self.close()
         if len(mapped) != size:  # never hand the core a snapshot of the wrong length
             mapped.close()
