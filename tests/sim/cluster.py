@@ -109,6 +109,7 @@ class SimOptions:
     max_inflight_msgs: int | None = None
     pre_vote: bool = True
     check_quorum: bool = True
+    defer_commit_announcement: bool | None = None
     mutations: Mutations = field(default_factory=Mutations)
     profile: FaultProfile = field(default_factory=FaultProfile)
     verbose: bool = False
@@ -220,8 +221,16 @@ class World:
             snapshot_chunk_size=options.snapshot_chunk_size or r.choice((16, 96, 1024, 1 << 20)),
             pre_vote=options.pre_vote,
             check_quorum=options.check_quorum,
+            # Drawn from its own stream so that the other draws keep their values per seed.
+            defer_commit_announcement=(
+                options.defer_commit_announcement
+                if options.defer_commit_announcement is not None
+                else random.Random(seed ^ 0xA770).random() < 0.5
+            ),
             mutations=options.mutations,
         )
+        #: When a deferred commit announcement goes out (like the driver's short timer).
+        self._announce_rng = random.Random(seed ^ 0xA771)
         self.voter_ids = [f"n{i}" for i in range(1, options.nodes + 1)]
         self.spare_ids = [
             f"n{i}" for i in range(options.nodes + 1, options.nodes + 1 + options.spare_nodes)
@@ -314,7 +323,8 @@ class World:
             f"{self.options.nodes} nodes, election_tick={c.election_tick} "
             f"heartbeat_tick={c.heartbeat_tick} max_entries={c.max_entries_per_msg} "
             f"max_inflight={c.max_inflight_msgs} chunk={c.snapshot_chunk_size} "
-            f"pre_vote={c.pre_vote} check_quorum={c.check_quorum}"
+            f"pre_vote={c.pre_vote} check_quorum={c.check_quorum} "
+            f"defer_commit_announcement={c.defer_commit_announcement}"
         )
 
     def _next_event_time(self, next_world_tick: int) -> int:
@@ -388,6 +398,7 @@ class World:
                 self.log("tick", node_id)
                 core = node.core
                 self._guard(node_id, "tick", core.tick)
+                self._maybe_announce(node, 1.0)
 
     def _process_readies(self) -> None:
         now = self.now
@@ -413,9 +424,21 @@ class World:
                     self._after_crash(node)
                     break
                 self._observe(node)
+            self._maybe_announce(node, 0.3)
             if node.removed and node.core is not None:
                 self.log("remove", f"{node_id} applied its own removal; shutting down")
                 node.core = None
+
+    def _maybe_announce(self, node: SimNode, chance: float) -> None:
+        """Send a deferred commit announcement, at the latest by the node's next tick."""
+        core = node.core
+        if (
+            core is not None and not node.removed and core.commit_announcement_due
+            and self._announce_rng.random() < chance
+        ):
+            self.log("announce", node.id)
+            self.stats["deferred_announcements"] += 1
+            self._guard(node.id, "announce", core.announce_commit)
 
     def _choose_crash(self, node: SimNode, ready: Ready) -> CrashPoint | None:
         planned = self._crash_in_ready.pop(node.id, None)

@@ -88,6 +88,9 @@ class AgentConfig:
     snapshot_log_bytes: int = 1 << 30
     tick_seconds: float = 0.05
     election_tick: int = 10
+    #: The leader tells followers a new commit index with its next append, or after this
+    #: long if none follows: how much later a follower's readers may see a record.
+    commit_announce_seconds: float = 0.002
     log_level: str = "INFO"
     checkpoint_seconds: float = 2.0
     start_join_addrs: list[str] = field(default_factory=list)
@@ -206,6 +209,7 @@ class Agent:
         raft_config = RaftConfig(
             election_tick=cfg.election_tick, heartbeat_tick=1,
             max_bytes_per_msg=256 << 10, snapshot_chunk_size=256 << 10,
+            defer_commit_announcement=True,
         )
         self.driver = RaftDriver(
             cfg.node_name, storage, self.fsm, self._transport, config=raft_config,
@@ -213,6 +217,7 @@ class Agent:
             tick_seconds=cfg.tick_seconds,
             snapshot_threshold_entries=cfg.snapshot_threshold_entries,
             snapshot_max_log_bytes=cfg.snapshot_log_bytes,
+            commit_announce_delay=cfg.commit_announce_seconds,
         )
         self.backend = ReplicatedBackend(self.driver, self.fsm, cfg.rpc_addr)
         self.driver.on_role_change = self._on_role_change

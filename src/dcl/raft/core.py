@@ -146,6 +146,7 @@ class _Progress:
     """
 
     __slots__ = (
+        "commit_sent",
         "inflights",
         "is_learner",
         "match",
@@ -171,6 +172,7 @@ class _Progress:
         self.snap_offset = 0
         self.read_ack = 0
         self.is_learner = is_learner
+        self.commit_sent = 0  # highest commit index sent to the peer (appends, heartbeats)
 
     def become_probe(self) -> None:
         self.state = _PROBE
@@ -311,6 +313,7 @@ class RaftNode:
         self._transferee: NodeId | None = None
         self._need_bcast = False
         self._commit_bcast = 0
+        self._announce_due = False  # a deferred commit announcement is owed
         self._read_seq = 0
         self._read_round_pending = False
         self._read_queue: deque[tuple[int, int, int]] = deque()
@@ -979,17 +982,42 @@ class RaftNode:
             return
         new_commit = self._commit > self._commit_bcast
         self._commit_bcast = self._commit
+        defer = new_commit and self._cfg.defer_commit_announcement
         for peer, pr in self._progress.items():
-            self._maybe_send_append(peer, pr, new_commit, new_commit)
+            self._maybe_send_append(peer, pr, new_commit and not defer, new_commit)
+        if defer:
+            commit = self._commit
+            self._announce_due = any(pr.commit_sent < commit for pr in self._progress.values())
         if self._read_round_pending:
             self._bcast_heartbeat()
+
+    @property
+    def commit_announcement_due(self) -> bool:
+        """A deferred commit announcement is owed (`Config.defer_commit_announcement`)."""
+        return self._announce_due and self._role is Role.LEADER
+
+    def announce_commit(self) -> None:
+        """Tell every peer not yet told the commit index: an empty append (or the entries
+        flow control allows), which a fully acknowledged peer need not answer."""
+        if not self._announce_due:
+            return
+        self._announce_due = False
+        if self._role is not Role.LEADER:
+            return
+        commit = self._commit
+        for peer, pr in self._progress.items():
+            if pr.commit_sent < commit:
+                self._maybe_send_append(peer, pr, True, True)
 
     def _bcast_heartbeat(self) -> None:
         # Carries the latest read sequence: any heartbeat sent now confirms pending reads.
         self._read_round_pending = False
         commit, term, me, ctx = self._commit, self._term, self.id, self._read_seq
         for peer, pr in self._progress.items():
-            self._send(Heartbeat(term, me, peer, min(pr.match, commit), ctx))
+            told = min(pr.match, commit)
+            if told > pr.commit_sent:
+                pr.commit_sent = told
+            self._send(Heartbeat(term, me, peer, told, ctx))
 
     def _maybe_send_append(
         self, peer: NodeId, pr: _Progress, allow_empty: bool, commit_only: bool = False
@@ -1054,6 +1082,7 @@ class RaftNode:
                 want_response,
             )
         )
+        pr.commit_sent = self._commit
         return prev + (end - start) if end > start else prev
 
     def _start_snapshot(self, peer: NodeId, pr: _Progress) -> None:

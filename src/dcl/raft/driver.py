@@ -85,6 +85,11 @@ _Settle = Callable[[BaseException | None, Any], None]
 #: commit. Larger appends take the executor so that reads are not stalled for their fsync,
 #: and so does any append while a snapshot is checkpointed or written in the background
 #: (its flushes can hold a small fsync back by a millisecond or more).
+#:
+#: A leader always uses the executor, although inline it would spend about 25 us less
+#: CPU per unary Produce (x64: 2.8k -> 3.1-3.3k/s in two alternating pairs): a disk that
+#: stalls would then stall its heartbeats too, and the followers would elect another
+#: leader, where now they keep committing without the stalled one's fsync.
 INLINE_SYNC_BYTES = 64 << 10
 
 
@@ -119,6 +124,7 @@ class RaftDriver:
         commit_timeout: float = 10.0,
         snapshot_threshold_entries: int = 0,
         snapshot_max_log_bytes: int = 1 << 30,
+        commit_announce_delay: float = 0.002,
         rng: random.Random | None = None,
     ) -> None:
         hard_state, snapshot, entries = storage.load()
@@ -160,6 +166,11 @@ class RaftDriver:
         self._next_tick = 0.0
         self._ticker: asyncio.TimerHandle | None = None
         self._last_role = self.core.role
+        #: How long a deferred commit announcement (`Config.defer_commit_announcement`) may
+        #: wait for the next append to carry it; a follower's readers wait as long at most.
+        self._announce_delay = commit_announce_delay
+        self._announcer: asyncio.TimerHandle | None = None
+        self._announce_now = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -270,8 +281,13 @@ class RaftDriver:
                     await self._wake.wait()
                 self._wake.clear()
                 self._tick_if_due(loop)
+                if self._announce_now:
+                    self._announce_now = False
+                    self.core.announce_commit()
                 while self.core.has_ready() and not self._stopping:
                     await self._handle(self.core.ready())
+                if self._announcer is None and self.core.commit_announcement_due:
+                    self._announcer = loop.call_later(self._announce_delay, self._on_announcer)
                 # Between Readies: no fsync in flight, so the log may lose segments.
                 if self._snapshot_error is not None:
                     raise self._snapshot_error
@@ -291,11 +307,18 @@ class RaftDriver:
         finally:
             if self._ticker is not None:
                 self._ticker.cancel()
+            if self._announcer is not None:
+                self._announcer.cancel()
 
     def _arm_ticker(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
         self._ticker = loop.call_at(self._next_tick, self._on_ticker)
+
+    def _on_announcer(self) -> None:
+        self._announcer = None
+        self._announce_now = True
+        self._wake.set()
 
     def _on_ticker(self) -> None:
         self._ticker = None

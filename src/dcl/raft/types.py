@@ -435,6 +435,11 @@ class Config:
     snapshot_chunk_size: int = 1 << 20
     pre_vote: bool = True
     check_quorum: bool = True
+    #: When commit advances with nothing new to replicate, hold the empty appends that tell
+    #: followers until the driver calls `RaftNode.announce_commit` (or a later append or
+    #: heartbeat carries the index). A steady writer's next append then carries it, and
+    #: nobody pays for two extra messages and an extra answer per write.
+    defer_commit_announcement: bool = False
     mutations: Mutations = field(default_factory=Mutations)
 
     def __post_init__(self) -> None:

@@ -49,13 +49,14 @@ class NoPeers:
 
 @contextlib.asynccontextmanager
 async def leader(
-    tmp_path: Path, transport: Transport | None = None, election_tick: int = 2, **kwargs: Any
+    tmp_path: Path, transport: Transport | None = None, election_tick: int = 2,
+    defer: bool = False, **kwargs: Any
 ) -> AsyncIterator[RaftDriver]:
     fsm = LogFsm(tmp_path / "fsm")
     storage = RaftStorage(tmp_path / "raft")
-    driver = RaftDriver("solo", storage, fsm, transport or NoPeers(),
-                        config=Config(election_tick=election_tick), bootstrap=True,
-                        tick_seconds=0.01, **kwargs)
+    config = Config(election_tick=election_tick, defer_commit_announcement=defer)
+    driver = RaftDriver("solo", storage, fsm, transport or NoPeers(), config=config,
+                        bootstrap=True, tick_seconds=0.01, **kwargs)
     driver.start()
     try:
         for _ in range(500):
@@ -312,6 +313,47 @@ async def test_the_proposer_is_answered_first_also_while_a_follower_lags(
             await asyncio.sleep(0.01)
         assert [e for e in log if "answered" in e or "to c" in e] == [
             f"answered {index}", f"commit {index} sent to c"]
+
+
+async def test_a_deferred_commit_rides_on_the_next_append_or_goes_out_after_the_delay(
+    tmp_path: Path,
+) -> None:
+    """With `defer_commit_announcement`, the commit of a write answered just before the next
+    one is proposed reaches b inside that next append, and no announcement of its own is
+    sent; the last write's commit goes out once the announcer's delay has passed."""
+    log: list[str] = []
+    voter = AckingVoter(log)
+    acking_send = voter.send
+
+    def send(messages: Sequence[Message]) -> None:
+        for m in messages:
+            if isinstance(m, AppendEntries) and m.entries and m.commit >= first:
+                log.append(f"append carries commit {m.commit}")
+        acking_send(messages)
+
+    voter.send = send  # type: ignore[method-assign]
+    first = 1 << 62  # set below, once the cluster is formed
+    async with leader(tmp_path, voter, election_tick=20, defer=True,
+                      commit_announce_delay=0.05) as driver:
+        voter.driver = driver
+        await until_applied(driver)
+        await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_VOTER, "b"))
+        assert driver.core.voters == {"solo", "b"}
+        await asyncio.sleep(0.1)
+        driver._tick = 3600.0  # no more heartbeats after the next: only the announcer tells b
+        await asyncio.sleep(0.05)
+        first = driver.core.last_index + 1
+        log.clear()
+        await driver.propose(encode_records_cmd([b"x"]))
+        log.append(f"answered {first}")
+        await driver.propose(encode_records_cmd([b"y"]))
+        log.append(f"answered {first + 1}")
+        for _ in range(100):
+            if len(log) == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert log == [f"answered {first}", f"append carries commit {first}",
+                       f"answered {first + 1}", f"commit announced {first + 1}"]
 
 
 class EarlyTimerLoop(asyncio.SelectorEventLoop):

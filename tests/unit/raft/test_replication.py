@@ -360,3 +360,69 @@ def test_take_heartbeats_hands_out_only_a_leaders_current_term_heartbeats() -> N
     assert sorted(m.dst for m in appends(rest)) == ["b", "c"]  # the appends stayed
     c.nodes["b"].tick()
     assert c.nodes["b"].take_heartbeats() == []  # followers never send heartbeats early
+
+
+def _deferring() -> Cluster:
+    return Cluster(["a", "b", "c"], config=with_config(defer_commit_announcement=True))
+
+
+def test_deferred_commit_announcement_waits_for_announce_commit() -> None:
+    c = _deferring()
+    a = c.elect("a")
+    _, index = a.propose(b"x")
+    c.stabilize()
+    assert a.commit_index == index
+    assert all(c.nodes[i].commit_index < index for i in "bc")  # nobody told them yet
+    assert not any(isinstance(m, AppendEntries) and m.commit == index for m in c.sent)
+    assert a.commit_announcement_due
+    a.announce_commit()
+    assert not a.commit_announcement_due
+    c.stabilize()
+    assert all(c.nodes[i].commit_index == index for i in "bc")
+    assert all(c.fsm(i) == [b"x"] for i in "bc")
+    notices = [m for m in c.sent if isinstance(m, AppendEntries) and m.commit == index]
+    assert sorted(m.dst for m in notices) == ["b", "c"]
+    assert all(not m.entries and not m.want_response for m in notices)
+
+
+def test_deferred_commit_rides_on_the_next_append() -> None:
+    c = _deferring()
+    a = c.elect("a")
+    _, first = a.propose(b"x")
+    c.stabilize()
+    _, second = a.propose(b"y")
+    c.stabilize()
+    carried = [m for m in appends(c.sent) if m.entries and m.entries[0].index == second]
+    assert sorted(m.dst for m in carried) == ["b", "c"]
+    assert all(m.commit >= first for m in carried)
+    assert all(c.fsm(i) == [b"x"] for i in "bc")  # `second` is not known committed yet
+    sent = len(c.sent)
+    a.announce_commit()  # owed only for `second` now
+    c.stabilize()
+    assert all(c.fsm(i) == [b"x", b"y"] for i in "bc")
+    assert all(m.commit == second and not m.entries for m in appends(c.sent[sent:]))
+
+
+def test_deferred_commit_is_not_announced_again_to_a_peer_already_told() -> None:
+    c = _deferring()
+    a = c.elect("a")
+    _, index = a.propose(b"x")
+    c.stabilize()
+    c.tick("a")  # the heartbeat carries the commit index (capped at each peer's match)
+    c.stabilize()
+    assert all(c.nodes[i].commit_index == index for i in "bc")
+    sent = len(c.sent)
+    a.announce_commit()
+    assert not a.has_ready() or not appends(a.ready().messages)
+    assert not appends(c.sent[sent:])
+
+
+def test_a_follower_never_owes_a_commit_announcement() -> None:
+    c = _deferring()
+    a = c.elect("a")
+    a.propose(b"x")
+    c.stabilize()
+    b = c.nodes["b"]
+    assert not b.commit_announcement_due
+    b.announce_commit()
+    assert not b.has_ready()
