@@ -985,11 +985,21 @@ class RaftNode:
         defer = new_commit and self._cfg.defer_commit_announcement
         for peer, pr in self._progress.items():
             self._maybe_send_append(peer, pr, new_commit and not defer, new_commit)
-        if defer:
-            commit = self._commit
-            self._announce_due = any(pr.commit_sent < commit for pr in self._progress.values())
         if self._read_round_pending:
             self._bcast_heartbeat()
+        if defer:
+            self._announce_due = any(self._owes_commit(pr) for pr in self._progress.values())
+
+    def _owes_commit(self, pr: _Progress) -> bool:
+        """The peer was not told the commit index and an empty append may go to it now.
+
+        The others learn it from the next append flow control lets out (an acknowledgement
+        releases it), from a snapshot, or from a heartbeat: announcing cannot reach them."""
+        if pr.commit_sent >= self._commit:
+            return False
+        if pr.state is _REPLICATE:
+            return pr.next > self._snap_index + len(self._log)
+        return pr.state is _PROBE and not pr.probe_sent
 
     @property
     def commit_announcement_due(self) -> bool:
@@ -1004,9 +1014,8 @@ class RaftNode:
         self._announce_due = False
         if self._role is not Role.LEADER:
             return
-        commit = self._commit
         for peer, pr in self._progress.items():
-            if pr.commit_sent < commit:
+            if self._owes_commit(pr):
                 self._maybe_send_append(peer, pr, True, True)
 
     def _bcast_heartbeat(self) -> None:

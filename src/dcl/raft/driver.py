@@ -286,7 +286,11 @@ class RaftDriver:
                     self.core.announce_commit()
                 while self.core.has_ready() and not self._stopping:
                     await self._handle(self.core.ready())
-                if self._announcer is None and self.core.commit_announcement_due:
+                if (
+                    self._announcer is None
+                    and not self._announce_now  # fired while a Ready was handled
+                    and self.core.commit_announcement_due
+                ):
                     self._announcer = loop.call_later(self._announce_delay, self._on_announcer)
                 # Between Readies: no fsync in flight, so the log may lose segments.
                 if self._snapshot_error is not None:

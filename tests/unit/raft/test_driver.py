@@ -334,7 +334,7 @@ async def test_a_deferred_commit_rides_on_the_next_append_or_goes_out_after_the_
     voter.send = send  # type: ignore[method-assign]
     first = 1 << 62  # set below, once the cluster is formed
     async with leader(tmp_path, voter, election_tick=20, defer=True,
-                      commit_announce_delay=0.05) as driver:
+                      commit_announce_delay=0.3) as driver:
         voter.driver = driver
         await until_applied(driver)
         await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_VOTER, "b"))
@@ -348,7 +348,7 @@ async def test_a_deferred_commit_rides_on_the_next_append_or_goes_out_after_the_
         log.append(f"answered {first}")
         await driver.propose(encode_records_cmd([b"y"]))
         log.append(f"answered {first + 1}")
-        for _ in range(100):
+        for _ in range(200):
             if len(log) == 4:
                 break
             await asyncio.sleep(0.01)

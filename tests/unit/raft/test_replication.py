@@ -417,7 +417,38 @@ def test_deferred_commit_is_not_announced_again_to_a_peer_already_told() -> None
     assert not appends(c.sent[sent:])
 
 
-def test_a_follower_never_owes_a_commit_announcement() -> None:
+def test_an_append_that_carried_the_commit_leaves_nothing_to_announce() -> None:
+    c = _deferring()
+    a = c.elect("a")
+    _, first = a.propose(b"x")
+    c.stabilize()
+    assert a.commit_announcement_due
+    c.cut_links |= {("b", "a"), ("c", "a")}  # y's acks are lost: only x is committed
+    a.propose(b"y")
+    c.stabilize()
+    assert all(c.nodes[i].commit_index == first for i in "bc")  # told by y's append
+    a.announce_commit()
+    assert not a.has_ready()
+
+
+def test_a_heartbeat_tells_a_lagging_peer_only_what_it_holds() -> None:
+    c = _deferring()
+    a = c.elect("a")
+    c.cut_links.add(("c", "a"))  # c's acks are lost: the entry commits on b's
+    _, index = a.propose(b"x")
+    c.stabilize()
+    c.tick("a")  # heartbeats: b is told `index`, c only its acknowledged match
+    c.stabilize()
+    assert c.nodes["b"].commit_index == index and c.nodes["c"].commit_index < index
+    sent = len(c.sent)
+    a.announce_commit()
+    c.stabilize()
+    told = [m for m in appends(c.sent[sent:]) if m.commit == index]
+    assert [m.dst for m in told] == ["c"]
+    assert c.nodes["c"].commit_index == index
+
+
+def test_only_a_leader_owes_a_commit_announcement() -> None:
     c = _deferring()
     a = c.elect("a")
     a.propose(b"x")
@@ -426,3 +457,7 @@ def test_a_follower_never_owes_a_commit_announcement() -> None:
     assert not b.commit_announcement_due
     b.announce_commit()
     assert not b.has_ready()
+    assert a.commit_announcement_due
+    a.step(Heartbeat(a.term + 1, "b", "a", 0))  # a newer leader: a steps down
+    assert a.role is Role.FOLLOWER
+    assert not a.commit_announcement_due
