@@ -168,9 +168,18 @@ class RaftDriver:
         self._last_role = self.core.role
         #: How long a deferred commit announcement (`Config.defer_commit_announcement`) may
         #: wait for the next append to carry it; a follower's readers wait as long at most.
+        #: Only while writes are steady: once the delay passed with no append to carry the
+        #: announcement, they are sparse, and it goes out at once (in the next loop turn,
+        #: after the proposer's reply) until a write follows one within the delay again.
+        #: Sparse writes, one every 20 ms: a follower's tail reader got each record 0.7 ms
+        #: after the ack, 2.8 ms with a fixed delay.
         self._announce_delay = commit_announce_delay
         self._announcer: asyncio.TimerHandle | None = None
         self._announce_now = False
+        self._steady_writes = True
+        self._announced_at = 0.0
+        self._owed_commit = 0  # the commit index last seen owed, since `_owed_at`
+        self._owed_at = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -252,7 +261,13 @@ class RaftDriver:
             raise NotLeader(self.core.leader_id)
 
     def _watch(self, term: int, index: int, done: _Settle) -> None:
-        timer = asyncio.get_running_loop().call_later(
+        loop = asyncio.get_running_loop()
+        if (
+            not self._steady_writes
+            and loop.time() - self._announced_at < self._announce_delay
+        ):
+            self._steady_writes = True  # this append would have carried the announcement
+        timer = loop.call_later(
             self._commit_timeout, self._settle, index,
             CommitTimeout(f"entry {index} (term {term}) not applied within "
                           f"{self._commit_timeout}s"), None)
@@ -283,15 +298,11 @@ class RaftDriver:
                 self._tick_if_due(loop)
                 if self._announce_now:
                     self._announce_now = False
-                    self.core.announce_commit()
+                    self._announce_if_late(loop)
                 while self.core.has_ready() and not self._stopping:
                     await self._handle(self.core.ready())
-                if (
-                    self._announcer is None
-                    and not self._announce_now  # fired while a Ready was handled
-                    and self.core.commit_announcement_due
-                ):
-                    self._announcer = loop.call_later(self._announce_delay, self._on_announcer)
+                if self.core.commit_announcement_due:
+                    self._arm_announcer(loop)
                 # Between Readies: no fsync in flight, so the log may lose segments.
                 if self._snapshot_error is not None:
                     raise self._snapshot_error
@@ -318,6 +329,26 @@ class RaftDriver:
         if self._ticker is not None:
             self._ticker.cancel()
         self._ticker = loop.call_at(self._next_tick, self._on_ticker)
+
+    def _arm_announcer(self, loop: asyncio.AbstractEventLoop) -> None:
+        commit = self.core.commit_index
+        if commit != self._owed_commit:  # the delay runs from when each index is owed
+            self._owed_commit = commit
+            self._owed_at = loop.time()
+        if self._announcer is None and not self._announce_now:
+            delay = self._announce_delay if self._steady_writes else 0.0
+            self._announcer = loop.call_at(self._owed_at + delay, self._on_announcer)
+
+    def _announce_if_late(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The announcer fired: announce what no append carried within the delay."""
+        if not self.core.commit_announcement_due:
+            return  # carried by appends (or heartbeats)
+        if self._steady_writes and loop.time() < self._owed_at + self._announce_delay:
+            self._arm_announcer(loop)  # armed for an earlier index, which was carried
+            return
+        self._steady_writes = False
+        self._announced_at = loop.time()
+        self.core.announce_commit()
 
     def _on_announcer(self) -> None:
         self._announcer = None

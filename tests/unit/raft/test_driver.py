@@ -320,7 +320,9 @@ async def test_a_deferred_commit_rides_on_the_next_append_or_goes_out_after_the_
 ) -> None:
     """With `defer_commit_announcement`, the commit of a write answered just before the next
     one is proposed reaches b inside that next append, and no announcement of its own is
-    sent; the last write's commit goes out once the announcer's delay has passed."""
+    sent; the last write's commit goes out once the announcer's delay has passed. Writes
+    are then sparse: the next one, made after a pause longer than the delay, has its commit
+    announced at once, not a delay later (a follower's readers would wait for it)."""
     log: list[str] = []
     voter = AckingVoter(log)
     acking_send = voter.send
@@ -333,8 +335,9 @@ async def test_a_deferred_commit_rides_on_the_next_append_or_goes_out_after_the_
 
     voter.send = send  # type: ignore[method-assign]
     first = 1 << 62  # set below, once the cluster is formed
+    delay = 1.0
     async with leader(tmp_path, voter, election_tick=20, defer=True,
-                      commit_announce_delay=0.3) as driver:
+                      commit_announce_delay=delay) as driver:
         voter.driver = driver
         await until_applied(driver)
         await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_VOTER, "b"))
@@ -348,12 +351,43 @@ async def test_a_deferred_commit_rides_on_the_next_append_or_goes_out_after_the_
         log.append(f"answered {first}")
         await driver.propose(encode_records_cmd([b"y"]))
         log.append(f"answered {first + 1}")
-        for _ in range(200):
+        for _ in range(300):
             if len(log) == 4:
                 break
             await asyncio.sleep(0.01)
         assert log == [f"answered {first}", f"append carries commit {first}",
                        f"answered {first + 1}", f"commit announced {first + 1}"]
+
+        await asyncio.sleep(delay * 1.2)
+        log.clear()
+        await driver.propose(encode_records_cmd([b"z"]))
+        answered = time.monotonic()
+        announced: list[str] = []
+        for _ in range(300):
+            announced = [e for e in log if e.startswith("commit announced")]
+            if announced:
+                break
+            await asyncio.sleep(0.01)
+        assert announced == [f"commit announced {first + 2}"]
+        assert time.monotonic() - answered < delay / 2
+
+        # Steady again: for longer than the delay each write's append carries the last
+        # commit, and the announcer (re-armed as each index becomes owed) sends nothing.
+        log.clear()
+        start = time.monotonic()
+        writes = 0
+        while time.monotonic() - start < delay * 1.5:
+            await driver.propose(encode_records_cmd([b"w"]))
+            writes += 1
+            await asyncio.sleep(0.02)
+        assert not [e for e in log if e.startswith("commit announced")]
+        last = first + 2 + writes
+        for _ in range(300):
+            if f"commit announced {last}" in log:
+                break
+            await asyncio.sleep(0.01)
+        assert [e for e in log if e.startswith("commit announced")] == [
+            f"commit announced {last}"]
 
 
 class EarlyTimerLoop(asyncio.SelectorEventLoop):
