@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/cluster.py
 	$(PY) bench/catchup.py
 	$(PY) bench/loaded.py
+	$(PY) bench/tail.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

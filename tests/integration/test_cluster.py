@@ -44,10 +44,17 @@ async def wait_for_log(node: NodeProcess, expected: dict[int, bytes]) -> None:
     await eventually(present, timeout=SETTLE, what=f"{node.name} holds offsets 0..{need - 1}")
 
 
+@pytest.mark.parametrize("announce_ms", [None, "2"])
 async def test_records_produced_on_the_leader_are_readable_on_every_follower(
-    pki: PkiFiles, tmp_path: Path
+    pki: PkiFiles, tmp_path: Path, announce_ms: str | None
 ) -> None:
-    async with Cluster(pki, tmp_path) as cluster:
+    """Also with commit announcements held for the next write (--commit-announce-ms): the
+    last write's commit still reaches the followers."""
+    cluster = Cluster(pki, tmp_path)
+    if announce_ms is not None:
+        for node in cluster.nodes:
+            node.extra_args += ["--commit-announce-ms", announce_ms]
+    async with cluster:
         # Cluster start already waited for every node's GetServers to list all three with
         # their rpc addresses and to agree on exactly one leader; check the shape once more.
         leader = await cluster.wait_for_members(cluster.nodes, timeout=SETTLE)

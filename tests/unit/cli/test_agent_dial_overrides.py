@@ -1,4 +1,5 @@
-"""`dcl agent --peer-dial-override ID=HOST:PORT` (flags, env, YAML) reaches the Raft transport."""
+"""`dcl agent` options that reach the agent: `--peer-dial-override ID=HOST:PORT` (flags, env,
+YAML) reaches the Raft transport; `--commit-announce-ms` is checked and kept."""
 
 from __future__ import annotations
 
@@ -54,3 +55,18 @@ def test_the_transport_dials_the_override_and_else_the_advertised_address() -> N
     assert transport.dial_address("node-1") == "127.0.0.1:9001"
     assert transport.dial_address("node-2") == "127.0.0.1:8402"
     assert transport.dial_address("node-3") is None
+
+
+def test_commit_announcements_are_held_only_when_asked(pki: PkiFiles) -> None:
+    assert build_config(files(pki), None).commit_announce_seconds == 0.0
+    config = build_config({**files(pki), "commit_announce_ms": 2.5}, None)
+    assert config.commit_announce_seconds == pytest.approx(0.0025)
+
+
+@pytest.mark.parametrize("value", [-1, "soon", 5000])
+def test_a_bad_commit_announce_delay_is_refused_in_one_line(
+    pki: PkiFiles, value: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(typer.Exit):
+        build_config({**files(pki), "commit_announce_ms": value}, None)
+    assert "--commit-announce-ms must be" in capsys.readouterr().err
