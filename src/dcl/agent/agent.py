@@ -89,10 +89,10 @@ class AgentConfig:
     tick_seconds: float = 0.05
     election_tick: int = 10
     #: While writes are steady, the leader may hold a new commit index this long for its
-    #: next append to carry (0: it tells followers at once). Steady one-at-a-time Produce:
-    #: follower CPU per write -20%, p99 3.2-4.5 -> 2.1-3.0 ms at 2 ms; but a follower's
-    #: tail reader sees each record about 0.7 ms later (bench/tail.py, steady_e2e_p50_ms
-    #: 2.2 -> 3.0). Readers use followers by default, so this is off by default.
+    #: next append to carry (0: it tells followers at once). Steady one-at-a-time Produce
+    #: at 2 ms: follower CPU per write about -20%, but a follower's tail reader sees each
+    #: record about 1 ms later (bench/tail.py, steady_after_ack_p50_ms 0.47-0.72 ->
+    #: 1.42-1.72). Readers use followers by default, so this is off by default.
     commit_announce_seconds: float = 0.0
     log_level: str = "INFO"
     checkpoint_seconds: float = 2.0
