@@ -381,6 +381,13 @@ class World:
             core = node.core
             assert core is not None
             self._guard(node.id, "step", core.step, item.message)
+            if (
+                isinstance(item.message, Heartbeat)
+                and self._announce_rng.random() < 0.5
+            ):  # as a driver busy restoring a snapshot does: answer before the next Ready
+                for answer in self._guard(node.id, "answer", core.take_heartbeat_responses):
+                    self.stats["early_heartbeat_answers"] += 1
+                    self._send(answer)
         if self._deferred:
             due = [d for d in self._deferred if d.deliver_at <= self.now]
             if due:

@@ -14,7 +14,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Generator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -572,7 +572,9 @@ async def test_a_follower_restoring_a_snapshot_gives_the_loop_back_between_steps
     for that long. A task counting loop turns must advance between every two steps, and
     the restored records are fsynced behind in a thread (not all by the final checkpoint).
     Once done, readers waiting at the tail are woken, and the restored state is durable (a
-    copy of the directory taken then reopens on it)."""
+    copy of the directory taken then reopens on it). A heartbeat from the leader that
+    arrives meanwhile is answered between steps, not after the restore (a leader with
+    check-quorum that needs this follower would step down)."""
     leaders_state, end = _leaders_state(tmp_path, 24)  # 24 MiB: several steps
     fsm, storage, driver = _follower(tmp_path)
     turns = 0
@@ -580,10 +582,18 @@ async def test_a_follower_restoring_a_snapshot_gives_the_loop_back_between_steps
     real_steps = fsm.restore_steps
     background: list[str] = []  # fsyncs off the loop thread during the restore
     real_sync = fsm.log.sync
+    sent = cast(Recording, driver._transport).sent
+    answered_at: list[int] = []  # the restore step by which the heartbeat was answered
 
     def counted_steps(snapshot: Snapshot) -> Generator[None, None, None]:
         for step in real_steps(snapshot):
             seen.append(turns)
+            if len(seen) == 5:
+                driver.receive(Heartbeat(1, "L", "f", 100, 42))
+            if not answered_at and any(
+                isinstance(m, HeartbeatResponse) and m.context == 42 for _, m in sent
+            ):
+                answered_at.append(len(seen))
             yield step
 
     def recorded_sync() -> None:
@@ -617,6 +627,7 @@ async def test_a_follower_restoring_a_snapshot_gives_the_loop_back_between_steps
         assert (copy.applied_index, copy.log.next_offset) == (100, end), "not durable"
         copy.close()
         assert len(seen) == 27, f"{len(seen)} restore steps for 24 MiB, expected 3 + 24"
+        assert answered_at and answered_at[0] <= 7, f"heartbeat answered at {answered_at}"
         assert background, "the restored records were not written behind"
         stalls = [i for i in range(1, len(seen)) if seen[i] == seen[i - 1]]
         assert not stalls, f"no other task ran between restore steps {stalls}"

@@ -461,3 +461,21 @@ def test_only_a_leader_owes_a_commit_announcement() -> None:
     a.step(Heartbeat(a.term + 1, "b", "a", 0))  # a newer leader: a steps down
     assert a.role is Role.FOLLOWER
     assert not a.commit_announcement_due
+
+
+def test_a_follower_may_answer_heartbeats_before_its_ready_completes() -> None:
+    c = Cluster(["a", "b", "c"])
+    a = c.elect("a")
+    c.stabilize()
+    b = c.nodes["b"]
+    b.step(Heartbeat(a.term, "a", "b", a.commit_index, 7))
+    answers = b.take_heartbeat_responses()
+    assert answers == [HeartbeatResponse(a.term, "b", "a", 7)]
+    assert not b.has_ready() or not any(
+        isinstance(m, HeartbeatResponse) for m in b.ready().messages)  # taken out
+    # A newer term is not durable until a Ready hands it out: its answer waits for that.
+    b.step(Heartbeat(a.term + 1, "c", "b", 0, 8))
+    assert b.take_heartbeat_responses() == []
+    rd = b.ready()
+    assert rd.hard_state is not None and rd.hard_state.term == a.term + 1
+    assert HeartbeatResponse(a.term + 1, "b", "c", 8) in rd.messages
