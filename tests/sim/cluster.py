@@ -385,7 +385,10 @@ class World:
                 isinstance(item.message, Heartbeat)
                 and self._announce_rng.random() < 0.5
             ):  # as a driver busy restoring a snapshot does: answer before the next Ready
-                for answer in self._guard(node.id, "answer", core.take_heartbeat_responses):
+                durable = node.durable.hard_state.term
+                for answer in self._guard(
+                    node.id, "answer", core.take_heartbeat_responses, durable
+                ):
                     self.stats["early_heartbeat_answers"] += 1
                     self._send(answer)
         if self._deferred:

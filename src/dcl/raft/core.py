@@ -491,22 +491,21 @@ class RaftNode:
         self._msgs = rest
         return beats
 
-    def take_heartbeat_responses(self) -> list[HeartbeatResponse]:
-        """A follower's pending answers to heartbeats, removed from the next Ready.
+    def take_heartbeat_responses(self, durable_term: int) -> list[HeartbeatResponse]:
+        """A follower's pending answers to heartbeats of `durable_term`, removed from the
+        next Ready.
 
-        For a driver in the middle of a long Ready (a snapshot restored a step at a time,
-        seconds per GiB): an answer to a heartbeat acknowledges no entry, only the leader's
-        term, so it may go out before the Ready completes once that term is durable (the
-        hard state last handed out, persisted before the Ready's long part). Without them a
-        leader that needs this follower for its quorum steps down (check-quorum) meanwhile.
+        For a driver in the middle of a long Ready (a snapshot saved and restored, seconds
+        per GiB): an answer to a heartbeat acknowledges no entry, only the leader's term, so
+        it may go out before the Ready completes if that term is already durable. Without
+        them a leader that needs this follower for its quorum steps down (check-quorum).
         """
-        if not self._msgs or self._term != self._prev_hs[0]:
+        if not self._msgs:
             return []
-        term = self._term
         answers: list[HeartbeatResponse] = []
         rest: list[Message] = []
         for m in self._msgs:
-            if isinstance(m, HeartbeatResponse) and m.term == term:
+            if isinstance(m, HeartbeatResponse) and m.term == durable_term:
                 answers.append(m)
             else:
                 rest.append(m)

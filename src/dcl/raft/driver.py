@@ -133,6 +133,8 @@ class RaftDriver:
             fsm.restore(snapshot)
             applied = snapshot.meta.index
         self.node_id = node_id
+        #: The term last persisted: heartbeats of it may be answered in the middle of a Ready.
+        self._durable_term = hard_state.term
         self.core = RaftNode(
             node_id, config, rng or random.Random(), hard_state=hard_state, snapshot=snapshot,
             entries=entries, bootstrap_voters=[node_id] if bootstrap else None, applied=applied,
@@ -377,17 +379,28 @@ class RaftDriver:
         """Await a disk write in the executor without a leader going silent.
 
         While it runs, a leader keeps its clock and sends its heartbeats (see
-        `RaftNode.take_heartbeats`); everything else waits for the Ready to complete.
+        `RaftNode.take_heartbeats`), and a follower answers the heartbeats it gets (saving a
+        GiB snapshot takes seconds); everything else waits for the Ready to complete.
         """
         loop = asyncio.get_running_loop()
         while not work.done():
             await asyncio.wait((work,), timeout=max(self._next_tick - loop.time(), 0.001))
-            if not work.done() and self.core.role is Role.LEADER:
+            if work.done():
+                break
+            if self.core.role is Role.LEADER:
                 self._tick_if_due(loop)
                 beats = self.core.take_heartbeats()
                 if beats:
                     self._transport.send(beats)
+            else:
+                self._answer_heartbeats()
         work.result()
+
+    def _answer_heartbeats(self) -> None:
+        """In a long Ready, answer the leader's heartbeats now; other answers wait for it."""
+        answers = self.core.take_heartbeat_responses(self._durable_term)
+        if answers:
+            self._transport.send(answers)
 
     async def _handle(self, rd: Ready) -> None:
         loop = asyncio.get_running_loop()
@@ -411,7 +424,8 @@ class RaftDriver:
         if rd.entries:
             self._storage.append(rd.entries)
         if rd.hard_state is not None:
-            self._storage.set_hard_state(rd.hard_state)
+            self._storage.set_hard_state(rd.hard_state)  # a new term or vote: fsynced at once
+            self._durable_term = rd.hard_state.term
         if rd.entries:
             if (
                 self.core.role is not Role.LEADER
@@ -436,10 +450,7 @@ class RaftDriver:
                     # restores the stored snapshot instead of this stop waiting for it.
                     return
                 await asyncio.sleep(0)
-                # The leader's heartbeats taken meanwhile are answered now, the rest after.
-                answers = self.core.take_heartbeat_responses()
-                if answers:
-                    self._transport.send(answers)
+                self._answer_heartbeats()
             await self._persisting(loop.run_in_executor(None, self._fsm.checkpoint))
             self.on_applied()  # readers waiting at the tail: the log grew
         answered = self._apply(rd.committed_entries) if rd.committed_entries else False

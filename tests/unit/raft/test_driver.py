@@ -893,3 +893,50 @@ async def test_a_disk_error_while_receiving_a_snapshot_stops_the_driver_cleanly(
         await driver.stop()
         storage.close()
         fsm.close()
+
+
+async def test_a_follower_answers_heartbeats_while_a_slow_fsync_runs(tmp_path: Path) -> None:
+    """Injected fault: the fsync of a large append takes 0.5 s. The follower's answer to a
+    heartbeat that arrives meanwhile goes out before the fsync ends (a leader needing this
+    follower for its quorum would otherwise step down); its ack waits for the fsync."""
+    fsm, storage, driver = _follower(tmp_path)
+    sent = cast(Recording, driver._transport).sent
+    log: list[str] = []
+    real_sync = storage.sync
+
+    def sync() -> None:
+        if storage.last_index >= 3:
+            time.sleep(0.5)
+        real_sync()
+        log.append(f"synced {storage.last_index}")
+
+    storage.sync = sync  # type: ignore[method-assign]
+    driver.start()
+    try:
+        conf = [Entry(1, i + 1, EntryType.CONF_CHANGE,
+                      ConfChange(ConfChangeType.ADD_VOTER, node).encode())
+                for i, node in enumerate(("L", "f"))]
+        driver.receive(AppendEntries(1, "L", "f", 0, 0, tuple(conf), 2))
+        for _ in range(200):
+            if driver.core.applied_index == 2:
+                break
+            await asyncio.sleep(0.01)
+        big = encode_records_cmd([b"v" * (INLINE_SYNC_BYTES + 1)])
+        driver.receive(AppendEntries(1, "L", "f", 2, 1, (Entry(1, 3, EntryType.NORMAL, big),), 2))
+        await asyncio.sleep(0.1)  # the fsync is under way
+        driver.receive(Heartbeat(1, "L", "f", 2, 9))
+        for _ in range(100):
+            if any(isinstance(m, HeartbeatResponse) for _, m in sent):
+                break
+            await asyncio.sleep(0.01)
+        assert any(isinstance(m, HeartbeatResponse) and m.context == 9 for _, m in sent)
+        assert "synced 3" not in log, "answered only after the fsync"
+        for _ in range(200):
+            if any(isinstance(m, AppendResponse) and m.index == 3 for _, m in sent):
+                break
+            await asyncio.sleep(0.01)
+        assert "synced 3" in log
+    finally:
+        await driver.stop()
+        storage.close()
+        fsm.close()

@@ -469,13 +469,13 @@ def test_a_follower_may_answer_heartbeats_before_its_ready_completes() -> None:
     c.stabilize()
     b = c.nodes["b"]
     b.step(Heartbeat(a.term, "a", "b", a.commit_index, 7))
-    answers = b.take_heartbeat_responses()
+    answers = b.take_heartbeat_responses(a.term)
     assert answers == [HeartbeatResponse(a.term, "b", "a", 7)]
     assert not b.has_ready() or not any(
         isinstance(m, HeartbeatResponse) for m in b.ready().messages)  # taken out
-    # A newer term is not durable until a Ready hands it out: its answer waits for that.
+    # A newer term is durable only once the driver persisted the Ready that hands it out.
     b.step(Heartbeat(a.term + 1, "c", "b", 0, 8))
-    assert b.take_heartbeat_responses() == []
+    assert b.take_heartbeat_responses(a.term) == []
     rd = b.ready()
     assert rd.hard_state is not None and rd.hard_state.term == a.term + 1
     assert HeartbeatResponse(a.term + 1, "b", "c", 8) in rd.messages
