@@ -87,6 +87,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 from dcl.errors import InvalidRequest, NotLeader
 from dcl.raft.types import (
@@ -126,6 +127,9 @@ from dcl.raft.types import (
 __all__ = ["RaftNode"]
 
 log = logging.getLogger(__name__)
+
+#: The messages a driver may take out of a pending Ready (`_take_messages`).
+_M = TypeVar("_M", Heartbeat, HeartbeatResponse)
 
 _PROBE = ProgressState.PROBE
 _REPLICATE = ProgressState.REPLICATE
@@ -478,18 +482,9 @@ class RaftNode:
         anything), so they may go out early; without them, a disk stall longer than the
         election timeout makes the followers elect another leader. Other messages stay.
         """
-        if self._role is not Role.LEADER or not self._msgs:
+        if self._role is not Role.LEADER:
             return []
-        term = self._term
-        beats: list[Heartbeat] = []
-        rest: list[Message] = []
-        for m in self._msgs:
-            if isinstance(m, Heartbeat) and m.term == term:
-                beats.append(m)
-            else:
-                rest.append(m)
-        self._msgs = rest
-        return beats
+        return self._take_messages(Heartbeat, self._term)
 
     def take_heartbeat_responses(self, durable_term: int) -> list[HeartbeatResponse]:
         """A follower's pending answers to heartbeats of `durable_term`, removed from the
@@ -500,17 +495,21 @@ class RaftNode:
         it may go out before the Ready completes if that term is already durable. Without
         them a leader that needs this follower for its quorum steps down (check-quorum).
         """
+        return self._take_messages(HeartbeatResponse, durable_term)
+
+    def _take_messages(self, kind: type[_M], term: int) -> list[_M]:
+        """Remove and return the pending messages of `kind` and `term`; the rest stay."""
         if not self._msgs:
             return []
-        answers: list[HeartbeatResponse] = []
+        taken: list[_M] = []
         rest: list[Message] = []
         for m in self._msgs:
-            if isinstance(m, HeartbeatResponse) and m.term == durable_term:
-                answers.append(m)
+            if isinstance(m, kind) and m.term == term:
+                taken.append(m)
             else:
                 rest.append(m)
         self._msgs = rest
-        return answers
+        return taken
 
     def propose(self, data: bytes) -> tuple[int, int]:
         """Append a NORMAL entry; returns (term, index). The entry is committed iff an entry

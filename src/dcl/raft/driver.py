@@ -133,8 +133,6 @@ class RaftDriver:
             fsm.restore(snapshot)
             applied = snapshot.meta.index
         self.node_id = node_id
-        #: The term last persisted: heartbeats of it may be answered in the middle of a Ready.
-        self._durable_term = hard_state.term
         self.core = RaftNode(
             node_id, config, rng or random.Random(), hard_state=hard_state, snapshot=snapshot,
             entries=entries, bootstrap_voters=[node_id] if bootstrap else None, applied=applied,
@@ -398,7 +396,7 @@ class RaftDriver:
 
     def _answer_heartbeats(self) -> None:
         """In a long Ready, answer the leader's heartbeats now; other answers wait for it."""
-        answers = self.core.take_heartbeat_responses(self._durable_term)
+        answers = self.core.take_heartbeat_responses(self._storage.durable_term)
         if answers:
             self._transport.send(answers)
 
@@ -424,8 +422,7 @@ class RaftDriver:
         if rd.entries:
             self._storage.append(rd.entries)
         if rd.hard_state is not None:
-            self._storage.set_hard_state(rd.hard_state)  # a new term or vote: fsynced at once
-            self._durable_term = rd.hard_state.term
+            self._storage.set_hard_state(rd.hard_state)
         if rd.entries:
             if (
                 self.core.role is not Role.LEADER

@@ -355,6 +355,11 @@ class RaftStorage:
         """The latest hard state passed to `set_hard_state` (its commit may not be durable)."""
         return self._hs
 
+    @property
+    def durable_term(self) -> int:
+        """The term on disk: `set_hard_state` writes a new one before it returns."""
+        return self._durable_hs.term
+
     # -- reads ----------------------------------------------------------------------------
 
     def load(self) -> tuple[HardState, Snapshot | None, list[Entry]]:

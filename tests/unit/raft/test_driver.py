@@ -156,6 +156,23 @@ def _follower(tmp_path: Path, **options: Any) -> tuple[LogFsm, RaftStorage, Raft
     return fsm, storage, driver
 
 
+def _founding_conf() -> tuple[Entry, ...]:
+    """Entries 1 and 2 of term 1: "L" and "f" made voters (what "L" sends "f" first)."""
+    return tuple(Entry(1, i + 1, EntryType.CONF_CHANGE,
+                       ConfChange(ConfChangeType.ADD_VOTER, node).encode())
+                 for i, node in enumerate(("L", "f")))
+
+
+async def _joined(driver: RaftDriver) -> None:
+    """Until follower "f" applied the founding configuration sent by "L"."""
+    driver.receive(AppendEntries(1, "L", "f", 0, 0, _founding_conf(), 2))
+    for _ in range(200):
+        if driver.core.applied_index == 2:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the founding configuration was not applied in 2 s")
+
+
 async def test_a_leader_keeps_heartbeating_through_a_slow_fsync(tmp_path: Path) -> None:
     """Injected fault: every fsync takes 0.6 s (more than the election timeout here, 0.2 s).
     Followers that hear nothing for that long elect someone else; the leader must keep
@@ -517,12 +534,9 @@ async def test_a_snapshot_from_the_leader_cancels_the_local_one_being_built(
     fsm.snapshot_steps = slow_steps  # type: ignore[method-assign]
     driver.start()
     try:
-        conf = [Entry(1, i + 1, EntryType.CONF_CHANGE,
-                      ConfChange(ConfChangeType.ADD_VOTER, node).encode())
-                for i, node in enumerate(("L", "f"))]
         records = [Entry(1, i, EntryType.NORMAL, encode_records_cmd([b"old"]))
                    for i in range(3, 11)]
-        driver.receive(AppendEntries(1, "L", "f", 0, 0, (*conf, *records), 10))
+        driver.receive(AppendEntries(1, "L", "f", 0, 0, (*_founding_conf(), *records), 10))
         for _ in range(200):
             if build["steps"] >= 5:
                 break
@@ -789,14 +803,7 @@ async def test_a_follower_acknowledges_an_append_only_after_its_fsync(
                         tick_seconds=0.01, snapshot_threshold_entries=2 if snapshotting else 0)
     driver.start()
     try:
-        conf = [Entry(1, i + 1, EntryType.CONF_CHANGE,
-                      ConfChange(ConfChangeType.ADD_VOTER, node).encode())
-                for i, node in enumerate(("L", "f"))]
-        driver.receive(AppendEntries(1, "L", "f", 0, 0, tuple(conf), 2))
-        for _ in range(200):
-            if "ack 2" in log and driver.core.applied_index == 2:
-                break
-            await asyncio.sleep(0.01)
+        await _joined(driver)  # its ack goes out before it applies
         assert driver.snapshot_in_progress is snapshotting
         driver.receive(AppendEntries(1, "L", "f", 2, 1, (
             Entry(1, 3, EntryType.NORMAL, encode_records_cmd([b"v" * size])),), 2))
@@ -913,14 +920,7 @@ async def test_a_follower_answers_heartbeats_while_a_slow_fsync_runs(tmp_path: P
     storage.sync = sync  # type: ignore[method-assign]
     driver.start()
     try:
-        conf = [Entry(1, i + 1, EntryType.CONF_CHANGE,
-                      ConfChange(ConfChangeType.ADD_VOTER, node).encode())
-                for i, node in enumerate(("L", "f"))]
-        driver.receive(AppendEntries(1, "L", "f", 0, 0, tuple(conf), 2))
-        for _ in range(200):
-            if driver.core.applied_index == 2:
-                break
-            await asyncio.sleep(0.01)
+        await _joined(driver)
         big = encode_records_cmd([b"v" * (INLINE_SYNC_BYTES + 1)])
         driver.receive(AppendEntries(1, "L", "f", 2, 1, (Entry(1, 3, EntryType.NORMAL, big),), 2))
         await asyncio.sleep(0.1)  # the fsync is under way
