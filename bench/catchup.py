@@ -27,18 +27,14 @@ import argparse
 import asyncio
 import json
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-from cluster import agent_args, start_cluster, stop_cluster, wait_applied, wait_ready, write_mib
-from grpclib.client import Channel
+from cluster import agent_args, launch_cluster, stop_cluster, wait_applied, wait_ready, write_mib
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from dcl.api.dcl.v1 import batch_grpc, batch_pb2
-from dcl.server.certs import generate_pki
-from dcl.tls import client_context
 
 
 def anon_rss_kib(pid: int) -> int:
@@ -67,12 +63,8 @@ async def stable_size(path: Path, still: float = 1.0, timeout: float = 60.0) -> 
 async def run(quick: bool, mib: int | None = None, held_mib: int = 0) -> dict[str, float]:
     mib = mib or (60 if quick else 300)
     log_cap = (16 if quick else 64) << 20  # a few snapshots while writing
-    work = Path(tempfile.mkdtemp(prefix="dcl-catchup-"))
-    pki = generate_pki(work / "pki")
     extra = ["--snapshot-threshold", "1000", "--snapshot-log-bytes", str(log_cap)]
-    procs, ports = start_cluster(work, pki, extra)
-    ctx = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
-    channels = [Channel("127.0.0.1", p, ssl=ctx) for p in ports]
+    work, pki, procs, ports, _, channels = launch_cluster("dcl-catchup-", extra)
     out: dict[str, float] = {}
     try:
         li = await wait_ready(channels)

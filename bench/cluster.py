@@ -24,12 +24,14 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from grpclib.client import Channel
 
@@ -70,6 +72,28 @@ def start_cluster(
     procs = [subprocess.Popen([*agent_args(work, pki, i, ports), *extra_args])
              for i in range(3)]
     return procs, ports
+
+
+class Launched(NamedTuple):
+    """A benchmark's cluster: its directory, PKI, agents, their RPC ports, and a client."""
+
+    work: Path
+    pki: PkiFiles
+    procs: list[subprocess.Popen[bytes]]
+    ports: list[int]
+    tls: ssl.SSLContext
+    channels: list[Channel]
+
+
+def launch_cluster(prefix: str, extra_args: Sequence[str] = ()) -> Launched:
+    """A fresh directory and PKI, three agents (`start_cluster`), and the root client's
+    channel to each; `stop_cluster(procs, channels, work)` undoes it all."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    pki = generate_pki(work / "pki")
+    procs, ports = start_cluster(work, pki, extra_args)
+    tls = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    channels = [Channel("127.0.0.1", p, ssl=tls) for p in ports]
+    return Launched(work, pki, procs, ports, tls, channels)
 
 
 def stop_cluster(
@@ -144,11 +168,7 @@ async def wait_ready(channels: list[Channel]) -> int:
 
 async def run(quick: bool) -> dict[str, float]:
     scale = 0.2 if quick else 1.0
-    work = Path(tempfile.mkdtemp(prefix="dcl-bench-"))
-    pki = generate_pki(work / "pki")
-    procs, ports = start_cluster(work, pki)
-    ctx = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
-    channels = [Channel("127.0.0.1", p, ssl=ctx) for p in ports]
+    work, _, procs, _, _, channels = launch_cluster("dcl-bench-")
     out: dict[str, float] = {}
     try:
         li = await wait_ready(channels)

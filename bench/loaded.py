@@ -24,25 +24,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import tempfile
 import time
-from pathlib import Path
 
-from cluster import pct, start_cluster, stop_cluster, wait_ready, write_mib
+from cluster import launch_cluster, pct, stop_cluster, wait_ready, write_mib
 from grpclib.client import Channel
 
 from dcl.api.dcl.v1 import batch_grpc
 from dcl.api.log.v1 import log_grpc, log_pb2
-from dcl.server.certs import generate_pki
-from dcl.tls import client_context
 
 
 async def run(mib: int) -> dict[str, float]:
-    work = Path(tempfile.mkdtemp(prefix="dcl-loaded-"))
-    pki = generate_pki(work / "pki")
-    procs, ports = start_cluster(work, pki)
-    ctx = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
-    channels = [Channel("127.0.0.1", p, ssl=ctx) for p in ports]
+    work, _, procs, ports, ctx, channels = launch_cluster("dcl-loaded-")
     probe_channel: Channel | None = None
     try:
         li = await wait_ready(channels)
