@@ -37,9 +37,9 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from dcl.errors import CorruptRecord, InvalidRequest
 from dcl.raft.types import Entry, HardState, Snapshot, SnapshotMeta
@@ -53,6 +53,7 @@ from dcl.storage.files import (
 )
 
 logger = logging.getLogger("dcl.raft.storage")
+_T = TypeVar("_T")
 
 __all__ = ["RaftStorage"]
 
@@ -443,6 +444,11 @@ class RaftStorage:
         here: `set_hard_state` already made them durable.
         """
         self._log.sync()
+
+    def sync_submit(self, submit: Callable[[int], _T]) -> _T | None:
+        """`sync()` without blocking: flush on the calling thread, then `submit(fd)` starts
+        the fsync (dcl.storage.aio) and its result is returned. None if closed."""
+        return self._log.sync_submit(submit)
 
     def set_hard_state(self, hs: HardState) -> None:
         """Record `hs`; if term or vote changed, write it durably before returning.

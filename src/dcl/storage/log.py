@@ -21,10 +21,10 @@ import io
 import logging
 import os
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from dcl.errors import CorruptRecord, DclError, InvalidRequest, OffsetOutOfRange
 from dcl.storage.index import ENTRY_SIZE
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dcl.storage")
 
 _MAX_RELATIVE_OFFSET = 2**32
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,12 @@ class Log:
         if self._closed:
             return
         self._segments[-1].sync()
+
+    def sync_submit(self, submit: Callable[[int], _T]) -> _T | None:
+        """Start an asynchronous `sync()`: see `Store.sync_submit`. None if closed."""
+        if self._closed:
+            return None
+        return self._segments[-1].store.sync_submit(submit)
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -18,11 +18,14 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
+from typing import TypeVar
 
 from dcl.errors import CorruptRecord
 from dcl.storage.files import close_later
 
 BytesLike = bytes | bytearray | memoryview
+_T = TypeVar("_T")
 
 HEADER = struct.Struct(">QI")
 HEADER_SIZE = HEADER.size  # 12
@@ -126,6 +129,17 @@ class Store:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def sync_submit(self, submit: Callable[[int], _T]) -> _T | None:
+        """Flush, then start an asynchronous fsync: `submit(fd)` (dcl.storage.aio), called
+        under the lock so that a concurrent close cannot take the descriptor away first.
+        None if the store is closed."""
+        with self._lock:
+            if self._closed:
+                return None
+            if self._buffer:
+                self._write_buffer()
+            return submit(self._fd)
 
     def truncate(self, size: int) -> None:
         """Cut the store to `size` bytes (discarding a suffix of records)."""

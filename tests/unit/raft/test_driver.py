@@ -38,6 +38,7 @@ from dcl.raft.types import (
     SnapshotMeta,
 )
 from dcl.server.replicated import LogFsm, encode_records_cmd
+from dcl.storage.aio import available as aio_available
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -173,31 +174,74 @@ async def _joined(driver: RaftDriver) -> None:
     raise AssertionError("the founding configuration was not applied in 2 s")
 
 
-async def test_a_leader_keeps_heartbeating_through_a_slow_fsync(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_fsync", [True, False], ids=["aio", "thread"])
+async def test_a_leader_keeps_heartbeating_through_a_slow_fsync(
+    tmp_path: Path, async_fsync: bool
+) -> None:
     """Injected fault: every fsync takes 0.6 s (more than the election timeout here, 0.2 s).
     Followers that hear nothing for that long elect someone else; the leader must keep
-    sending heartbeats while its own write is stuck."""
+    sending heartbeats while its own write is stuck, whether the kernel runs the fsync
+    (Linux AIO) or an executor thread does."""
     transport = Recording()
-    async with leader(tmp_path, transport, election_tick=20) as driver:
+    async with leader(tmp_path, transport, election_tick=20, async_fsync=async_fsync) as driver:
+        if async_fsync and not aio_available():
+            pytest.skip("no Linux AIO on this platform")
+        assert (driver._aio is not None) is async_fsync
         storage = driver._storage
         await until_applied(driver)
         await driver.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, "b"))
-        stalls: list[tuple[float, float]] = []
-        real_sync = storage.sync
+        stalls: list[tuple[str, float, float]] = []
+        real_sync, real_submit = storage.sync, storage.sync_submit
 
         def slow_sync() -> None:
             start = time.monotonic()
             time.sleep(0.6)
             real_sync()
-            stalls.append((start, time.monotonic()))
+            stalls.append(("thread", start, time.monotonic()))
+
+        async def slow_aio(submit: Any) -> None:
+            start = time.monotonic()
+            await asyncio.sleep(0.6)
+            await real_submit(submit)
+            stalls.append(("aio", start, time.monotonic()))
 
         storage.sync = slow_sync  # type: ignore[method-assign]
+        storage.sync_submit = (  # type: ignore[method-assign]
+            lambda submit: asyncio.ensure_future(slow_aio(submit)))
         await driver.propose(encode_records_cmd([b"slow"]))
-        assert stalls, "the proposal did not go through the slow fsync"
-        start, end = stalls[0]
+        assert [path for path, _, _ in stalls] == ["aio" if async_fsync else "thread"]
+        _, start, end = stalls[0]
         beats = [t for t, m in transport.sent
                  if isinstance(m, Heartbeat) and m.dst == "b" and start < t < end]
         assert len(beats) >= 20, f"{len(beats)} heartbeats during a 0.6 s stall"
+
+
+async def test_a_refused_asynchronous_fsync_falls_back_to_a_thread(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If io_submit refuses (here: its context is gone), writes still commit, by fsyncs in
+    the executor, and the operator is told once."""
+    async with leader(tmp_path) as driver:
+        await until_applied(driver)
+        if not aio_available():
+            pytest.skip("no Linux AIO on this platform")
+        assert driver._aio is not None
+        driver._aio.close()
+        threads = []
+        real_sync = driver._storage.sync
+
+        def sync() -> None:
+            threads.append(threading.current_thread())
+            real_sync()
+
+        driver._storage.sync = sync  # type: ignore[method-assign]
+        for i in range(3):
+            await driver.propose(encode_records_cmd([b"after %d" % i]))
+        assert driver._aio is None
+        assert len(threads) == 3 and threading.main_thread() not in threads
+        assert [r.message for r in caplog.records].count(
+            next(r.message for r in caplog.records if "asynchronous fsync refused" in r.message)
+        ) == 1
 
 
 async def test_snapshots_wait_for_as_many_new_bytes_as_the_last_one_held(
@@ -760,15 +804,15 @@ async def test_a_snapshot_write_that_fails_stops_the_driver_cleanly(tmp_path: Pa
 
 @pytest.mark.parametrize(("size", "snapshotting", "where"), [
     (100, False, "loop"),
-    (INLINE_SYNC_BYTES + 1, False, "executor"),
-    (100, True, "executor"),
+    (INLINE_SYNC_BYTES + 1, False, "off the loop"),
+    (100, True, "off the loop"),
 ])
 async def test_a_follower_acknowledges_an_append_only_after_its_fsync(
     tmp_path: Path, size: int, snapshotting: bool, where: str
 ) -> None:
-    """Whichever thread runs it (the loop's for a small append; the executor's for a large
-    one, or while a snapshot is being built and written), a follower's fsync finishes
-    before its acknowledgement goes out."""
+    """Wherever it runs (on the loop for a small append; off it, by Linux AIO or in the
+    executor, for a large one or while a snapshot is being built and written), a
+    follower's fsync finishes before its acknowledgement goes out."""
     log: list[str] = []
     fsm = LogFsm(tmp_path / "fsm")
     storage = RaftStorage(tmp_path / "raft")
@@ -784,7 +828,15 @@ async def test_a_follower_acknowledges_an_append_only_after_its_fsync(
         real_sync()
         log.append(f"synced {storage.last_index} on {'loop' if on_loop else 'executor'}")
 
+    real_submit = storage.sync_submit
+
+    async def aio(submit: Any) -> None:
+        await real_submit(submit)
+        log.append(f"synced {storage.last_index} by aio")
+
     storage.sync = sync  # type: ignore[method-assign]
+    storage.sync_submit = (  # type: ignore[method-assign]
+        lambda submit: asyncio.ensure_future(aio(submit)))
     loop_thread = threading.get_ident()
     real_steps = fsm.snapshot_steps
 
@@ -811,7 +863,9 @@ async def test_a_follower_acknowledges_an_append_only_after_its_fsync(
             if "ack 3" in log:
                 break
             await asyncio.sleep(0.01)
-        assert log == ["synced 2 on loop", "ack 2", f"synced 3 on {where}", "ack 3"]
+        off_loop = "by aio" if aio_available() else "on executor"
+        synced = "synced 3 on loop" if where == "loop" else f"synced 3 {off_loop}"
+        assert log == ["synced 2 on loop", "ack 2", synced, "ack 3"]
     finally:
         await driver.stop()
         storage.close()
@@ -902,14 +956,17 @@ async def test_a_disk_error_while_receiving_a_snapshot_stops_the_driver_cleanly(
         fsm.close()
 
 
-async def test_a_follower_answers_heartbeats_while_a_slow_fsync_runs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_fsync", [True, False], ids=["aio", "thread"])
+async def test_a_follower_answers_heartbeats_while_a_slow_fsync_runs(
+    tmp_path: Path, async_fsync: bool
+) -> None:
     """Injected fault: the fsync of a large append takes 0.5 s. The follower's answer to a
     heartbeat that arrives meanwhile goes out before the fsync ends (a leader needing this
     follower for its quorum would otherwise step down); its ack waits for the fsync."""
-    fsm, storage, driver = _follower(tmp_path)
+    fsm, storage, driver = _follower(tmp_path, async_fsync=async_fsync)
     sent = cast(Recording, driver._transport).sent
     log: list[str] = []
-    real_sync = storage.sync
+    real_sync, real_submit = storage.sync, storage.sync_submit
 
     def sync() -> None:
         if storage.last_index >= 3:
@@ -917,9 +974,19 @@ async def test_a_follower_answers_heartbeats_while_a_slow_fsync_runs(tmp_path: P
         real_sync()
         log.append(f"synced {storage.last_index}")
 
+    async def aio(submit: Any) -> None:
+        await asyncio.sleep(0.5)
+        await real_submit(submit)
+        log.append(f"synced {storage.last_index} by aio")
+
     storage.sync = sync  # type: ignore[method-assign]
+    storage.sync_submit = (  # type: ignore[method-assign]
+        lambda submit: asyncio.ensure_future(aio(submit)))
     driver.start()
     try:
+        if async_fsync and not aio_available():
+            pytest.skip("no Linux AIO on this platform")
+        assert (driver._aio is not None) is async_fsync
         await _joined(driver)
         big = encode_records_cmd([b"v" * (INLINE_SYNC_BYTES + 1)])
         driver.receive(AppendEntries(1, "L", "f", 2, 1, (Entry(1, 3, EntryType.NORMAL, big),), 2))
@@ -930,12 +997,13 @@ async def test_a_follower_answers_heartbeats_while_a_slow_fsync_runs(tmp_path: P
                 break
             await asyncio.sleep(0.01)
         assert any(isinstance(m, HeartbeatResponse) and m.context == 9 for _, m in sent)
-        assert "synced 3" not in log, "answered only after the fsync"
+        synced = "synced 3 by aio" if async_fsync else "synced 3"
+        assert synced not in log, "answered only after the fsync"
         for _ in range(200):
             if any(isinstance(m, AppendResponse) and m.index == 3 for _, m in sent):
                 break
             await asyncio.sleep(0.01)
-        assert "synced 3" in log
+        assert synced in log
     finally:
         await driver.stop()
         storage.close()
