@@ -142,6 +142,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class CpuMeter:
+    """CPU time per call of each agent and of this client over a phase: where a phase bound
+    by CPU spends it (an fsync run by a kernel worker, as the leader's is, is not counted)."""
+
+    def __init__(self, procs: Sequence[subprocess.Popen[bytes]], leader: int) -> None:
+        self._pids = [p.pid for p in procs]
+        self._leader = leader
+        self._start = self._sample()
+
+    def _sample(self) -> list[float]:
+        return [cpu_seconds(pid) for pid in self._pids] + [time.process_time()]
+
+    def report(self, calls: int) -> str:
+        per_call = [round((b - a) / calls * 1e6)
+                    for a, b in zip(self._start, self._sample(), strict=True)]
+        client = per_call.pop()
+        followers = "/".join(str(us) for i, us in enumerate(per_call) if i != self._leader)
+        return (f"CPU per call: leader {per_call[self._leader]} us, followers {followers} us, "
+                f"client {client} us")
+
+
 def pct(samples: list[float], p: float) -> float:
     samples = sorted(samples)
     return samples[min(len(samples) - 1, int(p / 100 * len(samples)))]
@@ -177,6 +198,7 @@ async def run(quick: bool) -> dict[str, float]:
 
         # One at a time.
         lat = []
+        cpu = CpuMeter(procs, li)
         for _ in range(int(2000 * scale)):
             t0 = time.perf_counter()
             await log_stub.Produce(log_pb2.ProduceRequest(record=log_pb2.Record(value=b"x" * 100)))
@@ -184,7 +206,8 @@ async def run(quick: bool) -> dict[str, float]:
         out["produce_p50_ms"] = round(pct(lat, 50), 3)
         out["produce_p99_ms"] = round(pct(lat, 99), 3)
         print(f"produce one-at-a-time: p50 {out['produce_p50_ms']} ms, "
-              f"p90 {pct(lat, 90):.3f} ms, p99 {out['produce_p99_ms']} ms")
+              f"p90 {pct(lat, 90):.3f} ms, p99 {out['produce_p99_ms']} ms; "
+              f"{cpu.report(len(lat))}")
 
         # Per-record phases first, on a log still small: the batch phases below write a
         # gigabyte, and the disk's writeback of it would be measured by whatever runs next.
@@ -200,10 +223,12 @@ async def run(quick: bool) -> dict[str, float]:
             for _ in range(calls):
                 await log_stub.Produce(log_pb2.ProduceRequest(record=log_pb2.Record(value=b"u")))
 
+        cpu = CpuMeter(procs, li)
         t0 = time.perf_counter()
         await asyncio.gather(*(caller(total // 64 + (i < total % 64)) for i in range(64)))
         out["unary_produce_64_rps"] = round(total / (time.perf_counter() - t0))
-        print(f"unary Produce x64 in flight: {out['unary_produce_64_rps']:,} records/s")
+        print(f"unary Produce x64 in flight: {out['unary_produce_64_rps']:,} records/s; "
+              f"{cpu.report(total)}")
 
         # ProduceStream: 8 streams, 64 unanswered requests each.
         per_stream = int(10_000 * scale)
