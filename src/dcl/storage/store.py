@@ -118,22 +118,20 @@ class Store:
                 self._write_buffer()
 
     def sync(self) -> None:
-        """Flush, then fsync. The fsync holds no lock, so appends continue meanwhile."""
-        with self._lock:
-            if self._closed:
-                return
-            if self._buffer:
-                self._write_buffer()
-            fd = os.dup(self._fd)
+        """Flush, then fsync. The fsync (on a duplicate of the fd) holds no lock, so appends
+        continue meanwhile."""
+        fd = self.sync_submit(os.dup)
+        if fd is None:
+            return
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def sync_submit(self, submit: Callable[[int], _T]) -> _T | None:
-        """Flush, then start an asynchronous fsync: `submit(fd)` (dcl.storage.aio), called
-        under the lock so that a concurrent close cannot take the descriptor away first.
-        None if the store is closed."""
+        """Flush, then hand the fd to `submit`, which starts the fsync (an AIO request, see
+        dcl.storage.aio, or `os.dup` for `sync`). Called under the lock so that a concurrent
+        close cannot take the descriptor away first. None if the store is closed."""
         with self._lock:
             if self._closed:
                 return None
