@@ -305,6 +305,7 @@ class World:
                 self._liveness_failure()
         except _Abort:
             pass
+        self.faults["retained_catchup"] = sum(n.retained_sends for n in self.nodes.values())
         return SimResult(
             seed=self.seed,
             violations=list(self.checker.violations),

@@ -21,6 +21,7 @@ The state machine is the list of applied entry encodings, one per log index star
 from __future__ import annotations
 
 import enum
+import itertools
 import random
 import struct
 from collections.abc import Callable
@@ -96,6 +97,9 @@ class DurableState:
     snapshot: Snapshot | None = None
     # Contiguous entries following the snapshot (or index 0).
     entries: list[Entry] = field(default_factory=list)
+    # Contiguous entries ending at the snapshot index, kept below it (RaftStorage's
+    # retention), which the core may send to a follower behind its in-memory log.
+    retained: list[Entry] = field(default_factory=list)
 
     def first_index(self) -> int:
         return (self.snapshot.meta.index if self.snapshot else 0) + 1
@@ -131,6 +135,10 @@ class SimNode:
         self._log = log
         self.initial_voters = initial_voters
         self.durable = DurableState()
+        #: Entries kept below the snapshot: by node, so the same seeds see the same events
+        #: and some nodes keep none (their followers still need snapshots).
+        self.retain = (8, 64, 0)[int(node_id[1:]) % 3]
+        self.retained_sends = 0
         self.core: RaftNode | None = None
         self.applied: list[bytes] = []
         self.paused_until = 0
@@ -163,6 +171,7 @@ class SimNode:
             snapshot=d.snapshot,
             entries=list(d.entries),
             bootstrap_voters=self.initial_voters or None,
+            retained=self._retained,
         )
         self.applied = decode_state(d.snapshot.data) if d.snapshot else []
         self.read_states.clear()
@@ -224,9 +233,14 @@ class SimNode:
         d = self.durable
         if ready.snapshot is not None:
             snap = ready.snapshot
-            # The core resets its log to an installed snapshot; the stored log follows it.
+            # The core resets its log to an installed snapshot; the stored log follows it,
+            # keeping what it held up to the snapshot only if that provably matches (the
+            # entry at the snapshot index has its term), as RaftStorage does.
+            matches = d.term_at(snap.meta.index) == snap.meta.term
+            below = [e for e in d.retained + d.entries if e.index <= snap.meta.index]
             d.snapshot = snap
             d.entries = []
+            d.retained = self._keep(below) if matches else []
         if ready.entries:
             first = ready.entries[0].index
             start = d.first_index()
@@ -325,7 +339,27 @@ class SimNode:
         assert snap is not None
         d = self.durable
         d.snapshot = snap
+        d.retained = self._keep(
+            d.retained + [e for e in d.entries if e.index <= snap.meta.index])
         d.entries = [e for e in d.entries if e.index > snap.meta.index]
+
+    def _keep(self, below: list[Entry]) -> list[Entry]:
+        """The last `retain` entries of `below` (contiguous, ending at the snapshot)."""
+        kept = below[-self.retain:] if self.retain else []
+        for a, b in itertools.pairwise(kept):
+            assert b.index == a.index + 1, f"{self.id}: retained entries not contiguous"
+        return kept
+
+    def _retained(
+        self, prev: int, max_entries: int, max_bytes: int
+    ) -> tuple[int, list[Entry]] | None:
+        """RaftNode's `retained`: read from durable state, as RaftStorage reads its log."""
+        kept = self.durable.retained
+        if not kept or not kept[0].index <= prev < kept[-1].index:
+            return None
+        off = prev - kept[0].index
+        self.retained_sends += 1
+        return kept[off].term, kept[off + 1 : off + 1 + max_entries]
 
     def describe(self) -> str:
         core = self.core

@@ -69,6 +69,7 @@ def test_fault_schedule_covers_every_fault_kind() -> None:
         "crash_before_persist", "crash_after_persist", "crash_after_send", "crash_after_apply",
         "restart", "member_add_learner", "member_promote_learner", "member_remove_node",
         "transfer_leadership", "compact", "snapshot_install",
+        "retained_catchup",
     }
     missing = sorted(k for k in expected if faults[k] == 0)
     assert not missing, f"fault kinds never injected: {missing}"

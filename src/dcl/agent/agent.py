@@ -32,7 +32,7 @@ from dcl.membership import (
     parse_addr,
 )
 from dcl.raft.driver import RaftDriver
-from dcl.raft.storage import RaftStorage
+from dcl.raft.storage import DEFAULT_RETAIN_BYTES, RaftStorage
 from dcl.raft.types import Config as RaftConfig
 from dcl.raft.types import Role
 from dcl.server.acl import Action, Authorizer
@@ -86,6 +86,8 @@ class AgentConfig:
     snapshot_threshold_entries: int = 100_000
     #: Raft log bytes held in memory after which a snapshot is taken whatever the count.
     snapshot_log_bytes: int = 1 << 30
+    #: Raft log kept on disk below the snapshot (see `RaftStorage(retain_bytes=...)`).
+    raft_retain_bytes: int = DEFAULT_RETAIN_BYTES
     tick_seconds: float = 0.05
     election_tick: int = 10
     #: While writes are steady, the leader may hold a new commit index this long for its
@@ -199,7 +201,8 @@ class Agent:
         data.mkdir(parents=True, exist_ok=True)
         self.fsm = LogFsm(data / "fsm", LogConfig(max_store_bytes=cfg.segment_bytes))
         self._undo.append(self._close_fsm)
-        storage = RaftStorage(data / "raft", max_segment_bytes=cfg.segment_bytes)
+        storage = RaftStorage(data / "raft", max_segment_bytes=cfg.segment_bytes,
+                              retain_bytes=cfg.raft_retain_bytes)
         self._storage = storage
         self._undo.append(self._close_storage)
         # Records the commit log lost on disk come back from our own Raft state first.

@@ -20,13 +20,14 @@ import typer
 import yaml
 
 from dcl.agent.agent import Agent, AgentConfig
+from dcl.raft.storage import DEFAULT_RETAIN_BYTES
 
 _KEYS = (
     "data_dir", "node_name", "bind_addr", "rpc_port", "start_join_addrs", "join_rpc_addrs",
     "bootstrap", "acl_model_file", "acl_policy_file", "server_tls_cert_file",
     "server_tls_key_file", "server_tls_ca_file", "peer_tls_cert_file", "peer_tls_key_file",
     "peer_tls_ca_file", "gossip_key_file", "snapshot_threshold", "snapshot_log_bytes",
-    "segment_bytes", "log_level", "peer_dial_overrides", "insecure_gossip",
+    "raft_retain_bytes", "segment_bytes", "log_level", "peer_dial_overrides", "insecure_gossip",
     "commit_announce_ms",
 )
 _REQUIRED_FILES = (
@@ -109,6 +110,7 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         acl_policy_file=Path(merged["acl_policy_file"]),
         snapshot_threshold_entries=int(merged.get("snapshot_threshold", 100_000)),
         snapshot_log_bytes=int(merged.get("snapshot_log_bytes", 1 << 30)),
+        raft_retain_bytes=int(merged.get("raft_retain_bytes", DEFAULT_RETAIN_BYTES)),
         segment_bytes=int(merged.get("segment_bytes", 64 << 20)),
         log_level=str(merged.get("log_level", "INFO")),
         commit_announce_seconds=announce_ms / 1000,
@@ -190,6 +192,10 @@ def agent(
     snapshot_log_bytes: Annotated[int | None, _opt(
         "snapshot_log_bytes",
         "Raft log bytes (held in memory) that force a snapshot whatever the count.")] = None,
+    raft_retain_bytes: Annotated[int | None, _opt(
+        "raft_retain_bytes",
+        "Raft log kept below the snapshot, so a follower briefly behind catches up from the "
+        "log, not by a copy of the whole snapshot. 0: keep none.")] = None,
     segment_bytes: Annotated[int | None, _opt("segment_bytes", "Max store segment size.")] = None,
     commit_announce_ms: Annotated[float | None, _opt(
         "commit_announce_ms",

@@ -46,6 +46,8 @@ resent on heartbeat responses). A follower assembles the chunks in a `SnapshotSp
 driver, a scratch file); after the last one its Ready
 carries `snapshot` (meta + bytes) to persist and restore, and its log is reset to it. On
 restart the driver passes the latest persisted snapshot (meta + bytes) to the constructor.
+A leader whose storage still holds the entries a follower lacks below the snapshot (the
+`retained` source: retention on disk) sends those instead; the snapshot is the fallback.
 
 Membership: derived from the snapshot metadata plus CONF_CHANGE entries in the log, effective
 as soon as an entry is appended (reverted if the entry is truncated). One change at a time:
@@ -86,7 +88,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 from dcl.errors import InvalidRequest, NotLeader
@@ -124,12 +126,18 @@ from dcl.raft.types import (
     VoteResponse,
 )
 
-__all__ = ["RaftNode"]
+__all__ = ["RaftNode", "RetainedEntries"]
 
 log = logging.getLogger(__name__)
 
 #: The messages a driver may take out of a pending Ready (`_take_messages`).
 _M = TypeVar("_M", Heartbeat, HeartbeatResponse)
+
+#: `retained(prev, max_entries, max_bytes)`: the term of entry `prev` and the entries from
+#: `prev + 1` on (at most `max_entries`, and `max_bytes` of payload unless the first alone is
+#: larger), read back from storage; None when storage no longer holds `prev`. Asked only
+#: for indexes at or below the snapshot index, all committed, so any copy is the right one.
+RetainedEntries = Callable[[int, int, int], "tuple[int, Sequence[Entry]] | None"]
 
 _PROBE = ProgressState.PROBE
 _REPLICATE = ProgressState.REPLICATE
@@ -234,6 +242,7 @@ class RaftNode:
         bootstrap_voters: Iterable[NodeId] | None = None,
         applied: int = 0,
         spool: SnapshotSpool | None = None,
+        retained: RetainedEntries | None = None,
     ) -> None:
         """Build the core from persisted state.
 
@@ -241,7 +250,8 @@ class RaftNode:
         the driver read back from disk; everything passed here counts as persisted. `applied`
         is the index the FSM has durably applied (at least the snapshot index is assumed).
         `bootstrap_voters` is used only when there is no persisted state at all. `spool` is
-        where a snapshot being received is assembled (default: in memory).
+        where a snapshot being received is assembled (default: in memory). `retained` reads
+        entries compacted out of memory back from storage (see `RetainedEntries`).
         """
         self.id: NodeId = node_id
         self._cfg = config
@@ -329,6 +339,7 @@ class RaftNode:
         # (leader term, leader id, meta) of the incoming snapshot `_incoming` assembles.
         self._incoming_key: tuple[int, NodeId, SnapshotMeta] | None = None
         self._incoming: SnapshotSpool = spool if spool is not None else MemorySpool()
+        self._retained = retained
         self._become_follower(self._term, None)
 
     # ------------------------------------------------------------------ status (read-only)
@@ -1085,8 +1096,12 @@ class RaftNode:
         prev = nxt - 1
         prev_term = self.term_at(prev)
         if prev_term is None:
-            self._start_snapshot(peer, pr)
-            return -1
+            sent = self._send_retained(peer, prev)
+            if sent < 0:
+                self._start_snapshot(peer, pr)
+                return -1
+            pr.commit_sent = self._commit
+            return sent
         base = self._snap_index
         start = nxt - base - 1
         cfg = self._cfg
@@ -1113,6 +1128,36 @@ class RaftNode:
         )
         pr.commit_sent = self._commit
         return prev + (end - start) if end > start else prev
+
+    def _send_retained(self, peer: NodeId, prev: int) -> int:
+        """Send entries after `prev`, compacted out of memory, that storage still holds; the
+        last index sent, or -1 if storage cannot help (a snapshot must be sent instead).
+
+        A follower briefly behind a compaction (a restart, a short partition) then catches
+        up from the log rather than by a transfer of the whole snapshot, which for a commit
+        log is the whole log. Only entries up to the snapshot index come from storage; the
+        next append takes the rest from memory.
+        """
+        base = self._snap_index
+        if self._retained is None or prev >= base:
+            return -1
+        cfg = self._cfg
+        got = self._retained(prev, min(base - prev, cfg.max_entries_per_msg),
+                             cfg.max_bytes_per_msg)
+        if got is None:
+            return -1
+        prev_term, entries = got
+        if not entries or entries[0].index != prev + 1:
+            return -1
+        last = prev + len(entries)
+        if entries[-1].index != last or last > base:
+            return -1
+        self._send(
+            AppendEntries(
+                self._term, self.id, peer, prev, prev_term, tuple(entries), self._commit, True
+            )
+        )
+        return last
 
     def _start_snapshot(self, peer: NodeId, pr: _Progress) -> None:
         snap = self._snap

@@ -138,7 +138,7 @@ class RaftDriver:
         self.core = RaftNode(
             node_id, config, rng or random.Random(), hard_state=hard_state, snapshot=snapshot,
             entries=entries, bootstrap_voters=[node_id] if bootstrap else None, applied=applied,
-            spool=storage.snapshot_spool,
+            spool=storage.snapshot_spool, retained=storage.retained,
         )
         self._storage = storage
         self._fsm = fsm

@@ -19,6 +19,8 @@ Crash safety of snapshot installation: the snapshot file is made durable BEFORE 
 to it, and every open re-runs the same reconciliation (`_reconcile`), so a crash anywhere in
 between recovers to "snapshot + the log entries that provably follow it". Invariant kept on
 disk: the log's lowest index is <= snapshot index + 1 (no gap between snapshot and log).
+Entries below the snapshot are kept up to `retain_bytes` (retention, in whole segments): a
+leader sends them to a follower that fell only a little behind (`retained`).
 
 Thread-safety: one thread (the asyncio loop) calls everything except `sync()`, which may run in
 an executor thread concurrently with `append()` of NON-conflicting entries (the log supports
@@ -41,7 +43,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from dcl.errors import CorruptRecord, InvalidRequest
+from dcl.errors import CorruptRecord, InvalidRequest, OffsetOutOfRange
 from dcl.raft.types import Entry, HardState, Snapshot, SnapshotMeta
 from dcl.storage import Log, LogConfig, LogInUse
 from dcl.storage.files import (
@@ -70,6 +72,11 @@ _HS_HEADER = struct.Struct(">4sBQQBH")
 #: A snapshot file's data is flushed every this many bytes while it is written (see
 #: `replace_atomically`): the log's own fsyncs then wait for at most about this much.
 _SYNC_EVERY = 1 << 20
+
+#: Log kept below the snapshot by default (`RaftStorage(retain_bytes=...)`): at a busy
+#: 60 MB/s of batched writes, a few seconds of lag a follower can make up from the log
+#: (a restart takes about that long), against a snapshot as large as the whole commit log.
+DEFAULT_RETAIN_BYTES = 256 << 20
 
 # Snapshot file: magic, version, index, term, voter count, learner count; then each id as
 # (u16 length, UTF-8); then data length (u64) and the data; then CRC32 of everything before.
@@ -263,16 +270,27 @@ class RaftStorage:
     """Persistent Raft state of one node: log entries, hard state and the latest snapshot."""
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, max_segment_bytes: int = 64 * 1024 * 1024
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_segment_bytes: int = 64 * 1024 * 1024,
+        retain_bytes: int = DEFAULT_RETAIN_BYTES,
     ) -> None:
         """Open (creating if needed) and recover the storage in `directory`.
+
+        `retain_bytes`: how much of the log below the snapshot to keep on disk (whole
+        segments, newest first) so that a leader can send it to a follower briefly behind
+        instead of the whole snapshot (`retained`). 0 keeps nothing the snapshot covers.
 
         Recovery: the log trims torn tails itself; this then reconciles the log with the
         snapshot (see `_reconcile`) so `load()` returns a contiguous log after the snapshot.
         Raises `LogInUse` if another `RaftStorage` has the directory open, `CorruptRecord`
         if the state or snapshot file fails its checksum.
         """
+        if retain_bytes < 0:
+            raise InvalidRequest("retain_bytes must be >= 0")
         self.directory = Path(directory)
+        self._retain_bytes = retain_bytes
         self._closed = True
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -341,8 +359,9 @@ class RaftStorage:
     def first_index(self) -> int:
         """Index of the first entry after the snapshot (last_index + 1 when there is none).
 
-        The log may still hold a few older entries (whole segments are dropped), but they are
-        covered by the snapshot and never handed out.
+        The log may still hold older entries (whole segments are dropped, and up to
+        `retain_bytes` are kept on purpose), but they are covered by the snapshot and only
+        ever handed out by `retained`.
         """
         return self.snapshot_index + 1
 
@@ -403,6 +422,29 @@ class RaftStorage:
                 "data directory, or remove the node from the cluster and add it back empty",
             ) from exc
         return out
+
+    def retained(
+        self, prev: int, max_entries: int, max_bytes: int
+    ) -> tuple[int, list[Entry]] | None:
+        """`RaftNode(retained=...)`: the term of entry `prev` and the entries after it, read
+        back from the log (at most `max_entries`, about `max_bytes`, at least one); None if
+        the log no longer holds `prev` or the next entry, or they do not read back intact
+        (the leader then sends its snapshot, as it would without them)."""
+        if self._closed:
+            return None
+        log = self._log
+        if prev < log.lowest_offset or prev >= self.last_index:
+            return None
+        path = str(log.directory)
+        try:
+            term = self._log_term(prev)
+            raws = log.read_batch(prev + 1, max_entries, max_bytes)
+            entries = [_decode_entry(prev + 1 + i, raw, path) for i, raw in enumerate(raws)]
+        except (CorruptRecord, OffsetOutOfRange) as exc:
+            logger.warning("retained raft entries unreadable, sending the snapshot instead "
+                           "path=%s prev=%d: %s", path, prev, exc)
+            return None
+        return term, entries
 
     def term(self, index: int) -> int:
         """Term of the entry at `index` (the snapshot's term at the snapshot index)."""
@@ -576,7 +618,7 @@ class RaftStorage:
                 f"raft log starts at {lowest}, after the snapshot at {index}: entries missing",
             )
         if index <= last and self._log_term(index) == term:
-            log.truncate_before(index + 1)
+            self._trim_retained(index)
             return
         # The log does not continue the snapshot. Cut every entry first, from the END (each
         # removal durable), so a crash inside the reset below can only leave entries <= index,
@@ -584,6 +626,21 @@ class RaftStorage:
         # index + 1 and would pass for a continuation of the snapshot.
         log.truncate_after(lowest - 1)
         log.reset(index + 1)
+
+    def _trim_retained(self, index: int) -> None:
+        """Drop the segments wholly covered by the snapshot at `index`, except the newest
+        ones that together fit in `retain_bytes`. Every entry kept matches the snapshot's
+        history (the entry at `index` does, so by Log Matching all before it do)."""
+        cut = index + 1
+        kept = 0
+        for base, nxt, size in reversed(self._log.segment_spans()):
+            if nxt > index + 1:
+                continue  # holds entries after the snapshot: kept whole anyway
+            kept += size
+            if kept > self._retain_bytes:
+                break
+            cut = base
+        self._log.truncate_before(cut)
 
     def _log_term(self, index: int) -> int:
         raw = self._log.read(index)

@@ -233,6 +233,12 @@ class Log:
                 return segment.next_offset  # the framing broke: the segment's tail is missing
         return None
 
+    def segment_spans(self) -> list[tuple[int, int, int]]:
+        """(base offset, next offset, store bytes) of every segment, oldest first: what a
+        retention policy needs to choose where `truncate_before` cuts."""
+        self._check_open()
+        return [(s.base_offset, s.next_offset, s.end_position) for s in self._segments]
+
     def sealed_stamps(self) -> dict[int, tuple[int, int, int, int]]:
         """`Store.stamp()` of every sealed (non-active) segment, by base offset, for `verify`."""
         self._check_open()

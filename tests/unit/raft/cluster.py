@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
-from dcl.raft.core import RaftNode
+from dcl.raft.core import RaftNode, RetainedEntries
 from dcl.raft.types import (
     Config,
     Entry,
@@ -196,8 +196,9 @@ class Cluster:
         assert node.role is Role.LEADER, node.role
         return node
 
-    def crash(self, node_id: NodeId) -> RaftNode:
-        """Restart from persisted state only; in-memory state and queued output are lost."""
+    def crash(self, node_id: NodeId, retained: RetainedEntries | None = None) -> RaftNode:
+        """Restart from persisted state only; in-memory state and queued output are lost.
+        `retained`: the restarted core's source of entries below its snapshot."""
         st = self.storage[node_id]
         self.pending.pop(node_id, None)  # persisted already; its messages are never sent
         self.queue = [m for m in self.queue if m.src != node_id]
@@ -212,6 +213,7 @@ class Cluster:
             entries=list(st.entries),
             bootstrap_voters=self.ids if node_id in self.ids else None,
             applied=st.applied_index,
+            retained=retained,
         )
         self.nodes[node_id] = node
         return node

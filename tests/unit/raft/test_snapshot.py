@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from dcl.errors import InvalidRequest
+from dcl.raft.core import RetainedEntries
 from dcl.raft.types import (
+    AppendEntries,
     ConfChange,
     ConfChangeType,
+    Config,
+    Entry,
     InstallSnapshot,
     ProgressState,
     Snapshot,
@@ -170,3 +176,85 @@ def test_restart_from_snapshot_and_log_suffix() -> None:
     c.tick("a")
     c.stabilize()
     assert c.fsm("b") == [b"1", b"2", b"3"]
+
+
+# -- entries retained below the snapshot (RaftStorage's retention) ---------------------------
+
+
+def retained_source(kept: list[Entry], asked: list[int]) -> RetainedEntries:
+    """What RaftStorage.retained answers from a log that still holds `kept`."""
+    def retained(prev: int, max_entries: int, max_bytes: int) -> tuple[int, list[Entry]] | None:
+        asked.append(prev)
+        by_index = {e.index: e for e in kept}
+        if prev not in by_index or prev + 1 not in by_index:
+            return None
+        stop = prev + 1 + max_entries
+        return by_index[prev].term, [by_index[i] for i in range(prev + 1, stop) if i in by_index]
+
+    return retained
+
+
+def leader_compacted_past_c(
+    source: Callable[[list[Entry]], RetainedEntries], config: Config | None = None
+) -> tuple[Cluster, Snapshot]:
+    """a leads, c missed five entries, a compacted past them and kept its log on disk
+    (`source(kept)` reads it, as RaftStorage.retained would)."""
+    c = Cluster(["a", "b", "c"], config=config)
+    kept: list[Entry] = []
+    c.crash("a", source(kept))  # a fresh start, with the source
+    c.elect("a")
+    c.isolate("c")
+    c.nodes["a"].propose_batch([b"1", b"2", b"3", b"4", b"5"])
+    c.stabilize()
+    kept.extend(c.storage["a"].entries)
+    snap = compact(c, "a")
+    assert c.nodes["c"].last_index < snap.meta.index
+    return c, snap
+
+
+def test_a_follower_behind_the_snapshot_gets_retained_entries_not_the_snapshot() -> None:
+    asked: list[int] = []
+    c, snap = leader_compacted_past_c(
+        lambda kept: retained_source(kept, asked), with_config(max_entries_per_msg=2))
+    a = c.nodes["a"]
+    a.propose(b"6")
+    c.heal()
+    c.tick("a")
+    c.stabilize()
+    assert not [m for m in c.sent if isinstance(m, InstallSnapshot)]
+    assert c.installed["c"] == []
+    assert c.fsm("c") == [b"1", b"2", b"3", b"4", b"5", b"6"]
+    assert asked and min(asked) < snap.meta.index
+    from_disk = [m for m in c.sent if isinstance(m, AppendEntries) and m.dst == "c"
+                 and m.entries and m.entries[0].index <= snap.meta.index]
+    assert from_disk and all(len(m.entries) <= 2 for m in from_disk)
+    assert all(m.entries[-1].index <= snap.meta.index for m in from_disk), \
+        "storage serves only up to the snapshot; the rest comes from memory"
+    assert a.progress()["c"].match == a.last_index
+
+
+@pytest.mark.parametrize("answer", ["none", "wrong-start", "beyond-snapshot", "empty"])
+def test_a_retained_source_that_cannot_help_falls_back_to_the_snapshot(answer: str) -> None:
+    def source(kept: list[Entry]) -> RetainedEntries:
+        def retained(
+            prev: int, max_entries: int, max_bytes: int
+        ) -> tuple[int, list[Entry]] | None:
+            # Right term for `prev`: the only defect is the one under test.
+            term = next(e.term for e in kept if e.index == prev)
+            after = [e for e in kept if e.index > prev]
+            if answer == "none":
+                return None
+            if answer == "wrong-start":
+                return term, after[1:]
+            if answer == "beyond-snapshot":
+                last = after[-1]
+                return term, [*after, Entry(last.term, last.index + 1, last.type, b"?")]
+            return term, []
+        return retained
+
+    c, snap = leader_compacted_past_c(source)
+    c.heal()
+    c.tick("a")
+    c.stabilize()
+    assert c.installed["c"] and c.installed["c"][-1].meta.index >= snap.meta.index
+    assert c.fsm("c") == [b"1", b"2", b"3", b"4", b"5"]

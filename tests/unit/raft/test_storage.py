@@ -483,3 +483,74 @@ def test_a_partly_received_snapshot_is_dropped_when_the_term_moves_on(tmp_path: 
         assert scratch.exists() and len(storage.snapshot_spool) == 1000
         node.step(Heartbeat(2, "b", "f", 0, 0))  # a new leader, in a new term
         assert not scratch.exists() and len(storage.snapshot_spool) == 0
+
+
+# -- retention: log kept below the snapshot for followers briefly behind ----------------------
+
+
+def covered_spans(directory: Path, index: int) -> list[tuple[int, int, int]]:
+    """(base, next, bytes) of the segments a snapshot at `index` covers whole, newest first."""
+    with RaftStorage(directory, max_segment_bytes=SMALL, retain_bytes=1 << 30) as s:
+        return [span for span in reversed(s._log.segment_spans()) if span[1] <= index + 1]
+
+
+@pytest.mark.parametrize(("keep", "slack"), [(0, 0), (1, 0), (3, 0), (3, -1)])
+def test_retention_keeps_the_newest_whole_segments_within_retain_bytes(
+    tmp_path: Path, keep: int, slack: int
+) -> None:
+    """`keep` segments' bytes (`slack` -1: one byte short of them) stay below the snapshot."""
+    probe = tmp_path / "probe"
+    with RaftStorage(probe, max_segment_bytes=SMALL) as s:
+        s.append(make(1, 200))
+    covered = covered_spans(probe, 150)
+    assert len(covered) > 4
+    retain = sum(size for _, _, size in covered[:keep]) + slack
+    kept = keep if slack == 0 else keep - 1
+    data = tmp_path / "data"
+    with RaftStorage(data, max_segment_bytes=SMALL, retain_bytes=retain) as s:
+        s.append(make(1, 200))
+        s.sync()
+        s.save_snapshot(snap(150, 1))
+        lowest = s._log.lowest_offset
+        if kept:
+            assert lowest == covered[kept - 1][0]
+        else:
+            assert lowest > covered[0][0] and lowest <= 151
+        assert s.first_index == 151 and s.load()[2] == make(151, 200)
+    with RaftStorage(data, max_segment_bytes=SMALL, retain_bytes=retain) as s:
+        assert s._log.lowest_offset == lowest, "reopening keeps what retention kept"
+        assert s.load()[2] == make(151, 200)
+
+
+def test_retained_entries_read_back_with_the_term_before_them(tmp_path: Path) -> None:
+    with RaftStorage(tmp_path, max_segment_bytes=SMALL) as s:
+        s.append(make(1, 100, term=1) + make(100, 200, term=2))
+        s.sync()
+        s.save_snapshot(snap(150, 2))
+        assert s._log.lowest_offset == 1, "the default retention keeps this small log whole"
+        assert s.retained(98, 5, 1 << 20) == (1, make(99, 100, term=1) + make(100, 104, term=2))
+        assert s.retained(0, 5, 1 << 20) is None, "entry 0 does not exist"
+        one = s.retained(120, 100, 1)
+        assert one == (2, make(121, 122, term=2)), "at least one entry, whatever max_bytes"
+        assert s.retained(199, 5, 1 << 20) is None, "nothing after the last entry"
+    assert s.retained(98, 5, 1 << 20) is None, "closed storage answers nothing"
+
+
+def test_damaged_retained_entries_are_not_sent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged segment below the snapshot costs the follower a snapshot, nothing more."""
+    with RaftStorage(tmp_path, max_segment_bytes=SMALL) as s:
+        s.append(make(1, 200))
+        s.sync()
+        s.save_snapshot(snap(150, 1))
+    first = sorted((tmp_path / "log").glob("*.store"))[0]
+    raw = bytearray(first.read_bytes())
+    raw[-1] ^= 0xFF
+    first.write_bytes(bytes(raw))
+    with RaftStorage(tmp_path, max_segment_bytes=SMALL) as s:
+        base = int(first.stem)
+        answers = [s.retained(prev, 50, 1 << 20) for prev in range(base, base + 5)]
+        assert None in answers
+        assert "retained raft entries unreadable" in caplog.text
+        assert s.load()[2] == make(151, 200), "entries after the snapshot are untouched"

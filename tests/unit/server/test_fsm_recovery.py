@@ -67,7 +67,8 @@ class NodeFiles:
 
 def open_node(root: Path) -> tuple[LogFsm, RaftStorage]:
     fsm = LogFsm(root / "fsm", LogConfig(max_store_bytes=SEGMENT))
-    storage = RaftStorage(root / "raft", max_segment_bytes=SEGMENT)
+    # No log kept below the snapshot: compaction must really drop Raft segments here.
+    storage = RaftStorage(root / "raft", max_segment_bytes=SEGMENT, retain_bytes=0)
     return fsm, storage
 
 
