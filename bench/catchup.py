@@ -12,6 +12,8 @@ its commit log from it and then catches up on the rest. Measured:
   catchup_mbps        N MiB / catchup_s
   peak_anon_rss_mib   the restarted follower's peak anonymous memory (heap, not the page
                       cache its mapped files use), sampled every 20 ms
+  leader_anon_rss_mib the leader's peak anonymous memory meanwhile (what serving the
+                      catch-up costs it)
   max_stall_ms        the longest a ConsumeBatch call on the follower took, once it first
                       answered, while it caught up (polled every 20 ms): how long it
                       stopped serving readers, and gossip, which shares its event loop
@@ -101,11 +103,12 @@ async def run(
         with log_path.open("wb") as log_file:
             procs[fi] = subprocess.Popen([*args, *extra], stderr=log_file)
         follower = batch_grpc.BatchStub(channels[fi])
-        peak = 0
+        peak = leader_peak = 0
         stall = 0.0
         answered = False
         while True:
             peak = max(peak, anon_rss_kib(procs[fi].pid))
+            leader_peak = max(leader_peak, anon_rss_kib(procs[li].pid))
             counted, sent = answered, time.perf_counter()  # the first call also connects
             try:
                 r = await follower.ConsumeBatch(
@@ -138,14 +141,17 @@ async def run(
         out["catchup_mbps"] = round(mib * 1.048576 / elapsed, 1)
         out["peak_anon_rss_mib"] = round(peak / 1024)
         out["max_stall_ms"] = round(stall * 1000)
+        out["leader_anon_rss_mib"] = round(leader_peak / 1024)
         print(f"follower caught up on {mib} MiB "
               f"{'from log entries' if retain_mib else 'through a snapshot'} "
               f"in {elapsed:.2f} s (process start included), "
               f"peak anonymous memory {out['peak_anon_rss_mib']} MiB, "
-              f"longest call {out['max_stall_ms']} ms")
+              f"longest call {out['max_stall_ms']} ms, "
+              f"leader peak anonymous memory {out['leader_anon_rss_mib']} MiB")
     finally:
         stop_cluster(procs, channels, work)
-    keys = ["write_mbps", "catchup_s", "catchup_mbps", "peak_anon_rss_mib", "max_stall_ms"]
+    keys = ["write_mbps", "catchup_s", "catchup_mbps", "peak_anon_rss_mib", "max_stall_ms",
+            "leader_anon_rss_mib"]
     return {k: out[k] for k in keys}
 
 

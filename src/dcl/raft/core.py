@@ -1073,7 +1073,7 @@ class RaftNode:
             self._send_append(peer, pr, pr.next)
             pr.probe_sent = True
             return
-        limit = self._cfg.max_inflight_msgs
+        limit = self._inflight_limit(pr)
         inflights = pr.inflights
         if pr.next > last:
             if allow_empty:
@@ -1087,6 +1087,15 @@ class RaftNode:
                 return
             pr.next = sent_to + 1
             inflights.append(sent_to)
+
+    def _inflight_limit(self, pr: _Progress) -> int:
+        """How many unanswered appends the pipeline to `pr` may hold. Fewer while they are
+        read back from storage (`retained`): each such message holds its own copy of the
+        entries, where a pipeline from memory shares the log's."""
+        cfg = self._cfg
+        if pr.next <= self._snap_index:
+            return min(cfg.max_inflight_retained, cfg.max_inflight_msgs)
+        return cfg.max_inflight_msgs
 
     def _send_append(
         self, peer: NodeId, pr: _Progress, nxt: int, want_response: bool = True
@@ -1393,8 +1402,15 @@ class RaftNode:
             # Stop-and-wait: the chunk or its ack may have been lost; resend it.
             self._send_snapshot_chunk(m.src, pr)
         elif pr.match < self.last_index:
-            if pr.state is _REPLICATE and len(pr.inflights) >= self._cfg.max_inflight_msgs:
-                pr.inflights.popleft()
+            if pr.state is _REPLICATE:
+                # The pipeline is full and the peer answers heartbeats, not appends: its
+                # answers (or our appends) may be lost. Free a slot for one more append,
+                # which a restarted peer rejects, and the probe that follows starts over.
+                # (Below the limit as it is now: the limit drops once the pipeline reads
+                # from storage, with more still in flight from memory.)
+                limit = self._inflight_limit(pr)
+                while len(pr.inflights) >= limit:
+                    pr.inflights.popleft()
             self._maybe_send_append(m.src, pr, True)
         if m.context > pr.read_ack:
             pr.read_ack = m.context

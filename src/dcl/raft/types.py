@@ -432,6 +432,9 @@ class Config:
     max_entries_per_msg: int = 1024
     max_bytes_per_msg: int = 1 << 20
     max_inflight_msgs: int = 256
+    #: In-flight appends to a follower that are read back from storage (entries below the
+    #: snapshot): each holds its own copy of up to `max_bytes_per_msg` until answered.
+    max_inflight_retained: int = 8
     snapshot_chunk_size: int = 1 << 20
     pre_vote: bool = True
     check_quorum: bool = True
@@ -445,8 +448,13 @@ class Config:
     def __post_init__(self) -> None:
         if self.heartbeat_tick < 1 or self.election_tick <= self.heartbeat_tick:
             raise InvalidRequest("need 1 <= heartbeat_tick < election_tick")
-        if self.max_entries_per_msg < 1 or self.max_inflight_msgs < 1:
-            raise InvalidRequest("max_entries_per_msg and max_inflight_msgs must be >= 1")
+        if (
+            self.max_entries_per_msg < 1
+            or self.max_inflight_msgs < 1
+            or self.max_inflight_retained < 1
+        ):
+            raise InvalidRequest(
+                "max_entries_per_msg, max_inflight_msgs and max_inflight_retained must be >= 1")
         if self.snapshot_chunk_size < 1:
             raise InvalidRequest("snapshot_chunk_size must be >= 1")
 

@@ -10,6 +10,7 @@ from dcl.errors import InvalidRequest
 from dcl.raft.core import RetainedEntries
 from dcl.raft.types import (
     AppendEntries,
+    AppendResponse,
     ConfChange,
     ConfChangeType,
     Config,
@@ -215,7 +216,8 @@ def leader_compacted_past_c(
 def test_a_follower_behind_the_snapshot_gets_retained_entries_not_the_snapshot() -> None:
     asked: list[int] = []
     c, snap = leader_compacted_past_c(
-        lambda kept: retained_source(kept, asked), with_config(max_entries_per_msg=2))
+        lambda kept: retained_source(kept, asked),
+        with_config(max_entries_per_msg=2, max_inflight_retained=1))
     a = c.nodes["a"]
     a.propose(b"6")
     c.heal()
@@ -257,4 +259,36 @@ def test_a_retained_source_that_cannot_help_falls_back_to_the_snapshot(answer: s
     c.tick("a")
     c.stabilize()
     assert c.installed["c"] and c.installed["c"][-1].meta.index >= snap.meta.index
+    assert c.fsm("c") == [b"1", b"2", b"3", b"4", b"5"]
+
+
+def test_lost_answers_to_a_full_retained_pipeline_are_recovered_by_a_heartbeat() -> None:
+    """The pipeline from storage holds fewer appends than the one from memory; when the
+    answers to all of them are lost, the next heartbeat answer must still free a slot."""
+    asked: list[int] = []
+    c, snap = leader_compacted_past_c(
+        lambda kept: retained_source(kept, asked),
+        with_config(max_entries_per_msg=1, max_inflight_retained=2))
+    a = c.nodes["a"]
+    lost: list[AppendResponse] = []
+
+    def lose_acks_after_the_probe(m: object) -> bool:
+        if isinstance(m, AppendResponse) and m.src == "c" and not m.reject and (
+            a.progress()["c"].state is ProgressState.REPLICATE
+        ):
+            lost.append(m)
+            return True
+        return False
+
+    c.drop = lose_acks_after_the_probe
+    c.heal()
+    c.tick("a")
+    c.stabilize()
+    pr = a.progress()["c"]
+    assert lost and pr.state is ProgressState.REPLICATE and pr.inflight == 2
+    assert pr.match < snap.meta.index, "stuck behind the snapshot, reading from storage"
+    c.drop = lambda m: False
+    c.tick("a")  # one heartbeat round
+    c.stabilize()
+    assert c.installed["c"] == []
     assert c.fsm("c") == [b"1", b"2", b"3", b"4", b"5"]
