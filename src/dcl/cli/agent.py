@@ -195,7 +195,7 @@ def agent(
     raft_retain_bytes: Annotated[int | None, _opt(
         "raft_retain_bytes",
         "Raft log kept below the snapshot, so a follower briefly behind catches up from the "
-        "log, not by a copy of the whole snapshot. 0: keep none.")] = None,
+        "log, not by a copy of the whole snapshot. 0: off (it always gets the snapshot).")] = None,
     segment_bytes: Annotated[int | None, _opt("segment_bytes", "Max store segment size.")] = None,
     commit_announce_ms: Annotated[float | None, _opt(
         "commit_announce_ms",

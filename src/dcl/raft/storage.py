@@ -280,7 +280,8 @@ class RaftStorage:
 
         `retain_bytes`: how much of the log below the snapshot to keep on disk (whole
         segments, newest first) so that a leader can send it to a follower briefly behind
-        instead of the whole snapshot (`retained`). 0 keeps nothing the snapshot covers.
+        instead of the whole snapshot (`retained`). 0 turns that off: `retained` answers
+        nothing, and only entries that share a segment with newer ones stay on disk.
 
         Recovery: the log trims torn tails itself; this then reconciles the log with the
         snapshot (see `_reconcile`) so `load()` returns a contiguous log after the snapshot.
@@ -430,14 +431,18 @@ class RaftStorage:
         back from the log (at most `max_entries`, about `max_bytes`, at least one); None if
         the log no longer holds `prev` or the next entry, or they do not read back intact
         (the leader then sends its snapshot, as it would without them)."""
-        if self._closed:
-            return None
+        if self._closed or not self._retain_bytes:
+            return None  # off: not even what shares a segment with newer entries
         log = self._log
-        if prev < log.lowest_offset or prev >= self.last_index:
+        if prev >= self.last_index or not (
+            prev >= log.lowest_offset or prev == 0 == log.lowest_offset - 1
+        ):
             return None
         path = str(log.directory)
         try:
-            term = self._log_term(prev)
+            # Index 0 precedes the first entry (term 0): a node joining with an empty log
+            # gets the whole log while it is still kept from its start.
+            term = self._log_term(prev) if prev else 0
             raws = log.read_batch(prev + 1, max_entries, max_bytes)
             entries = [_decode_entry(prev + 1 + i, raw, path) for i, raw in enumerate(raws)]
         except (CorruptRecord, OffsetOutOfRange) as exc:

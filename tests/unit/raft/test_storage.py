@@ -517,6 +517,10 @@ def test_retention_keeps_the_newest_whole_segments_within_retain_bytes(
         else:
             assert lowest > covered[0][0] and lowest <= 151
         assert s.first_index == 151 and s.load()[2] == make(151, 200)
+        assert lowest > 1 and s.retained(0, 5, 1 << 20) is None, "the log's start is gone"
+        assert s.retained(lowest - 1, 5, 1 << 20) is None
+        expected = (1, make(lowest + 1, lowest + 6)) if retain else None  # 0: off
+        assert s.retained(lowest, 5, 1 << 20) == expected
     with RaftStorage(data, max_segment_bytes=SMALL, retain_bytes=retain) as s:
         assert s._log.lowest_offset == lowest, "reopening keeps what retention kept"
         assert s.load()[2] == make(151, 200)
@@ -529,7 +533,7 @@ def test_retained_entries_read_back_with_the_term_before_them(tmp_path: Path) ->
         s.save_snapshot(snap(150, 2))
         assert s._log.lowest_offset == 1, "the default retention keeps this small log whole"
         assert s.retained(98, 5, 1 << 20) == (1, make(99, 100, term=1) + make(100, 104, term=2))
-        assert s.retained(0, 5, 1 << 20) is None, "entry 0 does not exist"
+        assert s.retained(0, 2, 1 << 20) == (0, make(1, 3, term=1)), "from the very start"
         one = s.retained(120, 100, 1)
         assert one == (2, make(121, 122, term=2)), "at least one entry, whatever max_bytes"
         assert s.retained(199, 5, 1 << 20) is None, "nothing after the last entry"
