@@ -445,7 +445,9 @@ class RaftStorage:
             term = self._log_term(prev) if prev else 0
             raws = log.read_batch(prev + 1, max_entries, max_bytes)
             entries = [_decode_entry(prev + 1 + i, raw, path) for i, raw in enumerate(raws)]
-        except (CorruptRecord, OffsetOutOfRange) as exc:
+        except (CorruptRecord, OffsetOutOfRange, OSError) as exc:
+            # Only a follower's catch-up depends on these: the snapshot still serves it, and
+            # the node's own log (what it must not lose) is not what failed to read here.
             logger.warning("retained raft entries unreadable, sending the snapshot instead "
                            "path=%s prev=%d: %s", path, prev, exc)
             return None

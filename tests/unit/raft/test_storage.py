@@ -558,3 +558,24 @@ def test_damaged_retained_entries_are_not_sent(
         assert None in answers
         assert "retained raft entries unreadable" in caplog.text
         assert s.load()[2] == make(151, 200), "entries after the snapshot are untouched"
+
+
+def test_retained_entries_are_served_while_a_snapshot_is_written_in_the_background(
+    tmp_path: Path,
+) -> None:
+    """The driver compacts the core, then writes the snapshot in a thread and adopts it
+    later: meanwhile the log is uncut, and entries up to the new snapshot come from it."""
+    with RaftStorage(tmp_path, max_segment_bytes=SMALL, retain_bytes=1) as s:
+        s.append(make(1, 200))
+        s.sync()
+        s.save_snapshot(snap(50, 1))
+        lowest = s._log.lowest_offset
+        assert 1 < lowest <= 51
+        s.write_snapshot(snap(150, 1))  # written, not adopted: the log is still whole
+        assert s.retained(lowest, 3, 1 << 20) == (1, make(lowest + 1, lowest + 4))
+        assert s.retained(140, 3, 1 << 20) == (1, make(141, 144))
+        s.adopt_snapshot(snap(150, 1))
+        # 1 byte of retention holds no whole segment: only the one holding 151 stays.
+        expected = (1, make(141, 144)) if s._log.lowest_offset <= 140 else None
+        assert s.retained(140, 3, 1 << 20) == expected
+        assert s._log.lowest_offset > lowest, "adopting cut the log to the new snapshot"
