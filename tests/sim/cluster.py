@@ -408,6 +408,10 @@ class World:
                     continue
                 self.log("tick", node_id)
                 core = node.core
+                if node.unadopted and self.rng.random() < 0.1:
+                    node.persist_compaction()
+                    self.faults["compact_adopted_later"] += 1
+                    self.log("snapshot", f"{node_id} adopts its snapshot")
                 self._guard(node_id, "tick", core.tick)
                 self._maybe_announce(node, 1.0)
 
@@ -814,9 +818,15 @@ class World:
         index = self.rng.randint(low, high - 2)
         data = encode_state(node.applied[:index])
         self._guard(node.id, "compact", core.compact, index, data)
-        node.persist_compaction()
+        if self.rng.random() < 0.5:
+            # As the driver does: the snapshot is written in the background and adopted
+            # (the stored log cut to it) later; meanwhile the stored log is whole.
+            node.unadopted = True
+            self.log("snapshot", f"{node.id} compacts log up to {index}, adopts later")
+        else:
+            node.persist_compaction()
+            self.log("snapshot", f"{node.id} compacts log up to {index}")
         self.faults["compact"] += 1
-        self.log("snapshot", f"{node.id} compacts log up to {index}")
 
     # -- recovery and liveness --------------------------------------------------------------------
 

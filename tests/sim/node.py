@@ -139,6 +139,9 @@ class SimNode:
         #: and some nodes keep none (their followers still need snapshots).
         self.retain = (8, 64, 0)[int(node_id[1:]) % 3]
         self.retained_sends = 0
+        #: The core compacted but the durable state still holds the previous snapshot and
+        #: the whole log (the driver's background snapshot write): `persist_compaction` later.
+        self.unadopted = False
         self.core: RaftNode | None = None
         self.applied: list[bytes] = []
         self.paused_until = 0
@@ -180,6 +183,7 @@ class SimNode:
 
     def crash(self) -> None:
         self.core = None
+        self.unadopted = False  # the durable state still has the previous snapshot
         self.crash_point = None
         self.crashes += 1
         self.read_states.clear()
@@ -241,6 +245,7 @@ class SimNode:
             d.snapshot = snap
             d.entries = []
             d.retained = self._keep(below) if matches else []
+            self.unadopted = False  # an own snapshot still to adopt is older: dropped
         if ready.entries:
             first = ready.entries[0].index
             start = d.first_index()
@@ -338,6 +343,9 @@ class SimNode:
         snap = core.snapshot
         assert snap is not None
         d = self.durable
+        self.unadopted = False
+        if d.snapshot is not None and d.snapshot.meta.index >= snap.meta.index:
+            return  # one installed since is at least as new
         d.snapshot = snap
         d.retained = self._keep(
             d.retained + [e for e in d.entries if e.index <= snap.meta.index])
@@ -353,11 +361,17 @@ class SimNode:
     def _retained(
         self, prev: int, max_entries: int, max_bytes: int
     ) -> tuple[int, list[Entry]] | None:
-        """RaftNode's `retained`: read from durable state, as RaftStorage reads its log."""
-        kept = self.durable.retained
+        """RaftNode's `retained`: read from durable state, as RaftStorage reads its log
+        (including the part a snapshot not yet adopted covers: the core asks only for
+        entries up to its own snapshot index)."""
+        if not self.retain:
+            return None  # off, as RaftStorage(retain_bytes=0)
+        d = self.durable
+        kept = d.retained + d.entries
         if not kept or not kept[0].index <= prev < kept[-1].index:
             return None
         off = prev - kept[0].index
+        assert kept[off].index == prev, f"{self.id}: stored log not contiguous at {prev}"
         self.retained_sends += 1
         return kept[off].term, kept[off + 1 : off + 1 + max_entries]
 
