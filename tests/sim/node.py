@@ -368,12 +368,18 @@ class SimNode:
             return None  # off, as RaftStorage(retain_bytes=0)
         d = self.durable
         kept = d.retained + d.entries
-        if not kept or not kept[0].index <= prev < kept[-1].index:
+        if not kept or not kept[0].index - 1 <= prev < kept[-1].index:
             return None
         off = prev - kept[0].index
-        assert kept[off].index == prev, f"{self.id}: stored log not contiguous at {prev}"
+        if off < 0:  # right before the stored log: only the stored snapshot knows its term
+            term = d.term_at(prev)
+            if term is None:
+                return None
+        else:
+            assert kept[off].index == prev, f"{self.id}: stored log not contiguous at {prev}"
+            term = kept[off].term
         self.retained_sends += 1
-        return kept[off].term, kept[off + 1 : off + 1 + max_entries]
+        return term, kept[off + 1 : off + 1 + max_entries]
 
     def describe(self) -> str:
         core = self.core

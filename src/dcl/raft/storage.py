@@ -434,15 +434,19 @@ class RaftStorage:
         if self._closed or not self._retain_bytes:
             return None  # off: not even what shares a segment with newer entries
         log = self._log
-        if prev >= self.last_index or not (
-            prev >= log.lowest_offset or prev == 0 == log.lowest_offset - 1
-        ):
+        lowest = log.lowest_offset
+        # Right before the log's first entry, only index 0 (term 0: a node joining with an
+        # empty log gets the whole log while it is kept from its start) or the stored
+        # snapshot's index has a known term.
+        before = prev == lowest - 1 and prev in (0, self.snapshot_index)
+        if prev >= self.last_index or not (prev >= lowest or before):
             return None
         path = str(log.directory)
         try:
-            # Index 0 precedes the first entry (term 0): a node joining with an empty log
-            # gets the whole log while it is still kept from its start.
-            term = self._log_term(prev) if prev else 0
+            if not before:
+                term = self._log_term(prev)
+            else:
+                term = self.snapshot_term if prev == self.snapshot_index else 0
             raws = log.read_batch(prev + 1, max_entries, max_bytes)
             entries = [_decode_entry(prev + 1 + i, raw, path) for i, raw in enumerate(raws)]
         except (CorruptRecord, OffsetOutOfRange, OSError) as exc:

@@ -212,6 +212,8 @@ def test_snapshot_not_in_log_resets_it(tmp_path: Path, case: str) -> None:
         assert (s.first_index, s.last_index) == (index + 1, index)
         assert s.load()[2] == []
         s.append(make(index + 1, index + 4, term=4))
+        # The log starts right after the snapshot: the snapshot gives the term before it.
+        assert s.retained(index, 5, 1 << 20) == (term, make(index + 1, index + 4, term=4))
     with RaftStorage(tmp_path, max_segment_bytes=SMALL) as s:
         _, snapshot, entries = s.load()
         assert snapshot is not None and snapshot.meta.index == index
