@@ -443,10 +443,7 @@ class RaftStorage:
             return None
         path = str(log.directory)
         try:
-            if not before:
-                term = self._log_term(prev)
-            else:
-                term = self.snapshot_term if prev == self.snapshot_index else 0
+            term = self.term(prev) if prev else 0
             raws = log.read_batch(prev + 1, max_entries, max_bytes)
             entries = [_decode_entry(prev + 1 + i, raw, path) for i, raw in enumerate(raws)]
         except (CorruptRecord, OffsetOutOfRange, OSError) as exc:
