@@ -21,7 +21,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/mypy src/dcl
+	$(VENV)/bin/mypy src/dcl tests bench
 
 test: lint
 	$(VENV)/bin/pytest -q

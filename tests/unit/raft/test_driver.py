@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import shutil
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, TypeVarTuple, cast
 
 import pytest
 
@@ -41,6 +42,19 @@ from dcl.server.replicated import LogFsm, encode_records_cmd
 from dcl.storage.aio import available as aio_available
 
 pytestmark = pytest.mark.timeout(30)
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+
+#: What the driver hands `RaftStorage.sync_submit`: `AioFsync.fsync`.
+AioSubmit = Callable[[int], "asyncio.Future[None]"]
+
+
+class SyncSubmit(Protocol):
+    """`RaftStorage.sync_submit`'s (generic) type. The fakes put in its place below only
+    take the driver's `AioSubmit` and return a future, so they are cast to it."""
+
+    def __call__(self, submit: Callable[[int], _T]) -> _T | None: ...
 
 
 class NoPeers:
@@ -99,8 +113,10 @@ async def test_hooks_settle_once_in_proposal_order_with_the_fsm_results(
     await until_applied(solo)
     calls: list[tuple[str, BaseException | None, Any]] = []
     for name, values in (("a", [b"1", b"2"]), ("b", [b"3"]), ("c", [b"4", b"5", b"6"])):
-        solo.propose_hook(encode_records_cmd(values),
-                          lambda exc, result, name=name: calls.append((name, exc, result)))
+        def hook(exc: BaseException | None, result: Any, name: str = name) -> None:
+            calls.append((name, exc, result))
+
+        solo.propose_hook(encode_records_cmd(values), hook)
     assert calls == []  # nothing settles before the entries are durable and applied
     first = await solo.propose(encode_records_cmd([b"7"]))  # after a, b, c in the log
     assert calls == [("a", None, 0), ("b", None, 2), ("c", None, 3)]
@@ -199,15 +215,15 @@ async def test_a_leader_keeps_heartbeating_through_a_slow_fsync(
             real_sync()
             stalls.append(("thread", start, time.monotonic()))
 
-        async def slow_aio(submit: Any) -> None:
+        async def slow_aio(submit: AioSubmit) -> None:
             start = time.monotonic()
             await asyncio.sleep(0.6)
-            await real_submit(submit)
+            await cast("asyncio.Future[None]", real_submit(submit))  # open storage: not None
             stalls.append(("aio", start, time.monotonic()))
 
         storage.sync = slow_sync  # type: ignore[method-assign]
-        storage.sync_submit = (  # type: ignore[method-assign]
-            lambda submit: asyncio.ensure_future(slow_aio(submit)))
+        storage.sync_submit = cast(  # type: ignore[method-assign]
+            SyncSubmit, lambda submit: asyncio.ensure_future(slow_aio(submit)))
         await driver.propose(encode_records_cmd([b"slow"]))
         assert [path for path, _, _ in stalls] == ["aio" if async_fsync else "thread"]
         _, start, end = stalls[0]
@@ -279,7 +295,7 @@ async def test_the_raft_log_held_in_memory_is_capped_whatever_the_entry_count(
             await snapshot_settled(driver)
         snap = driver.core.snapshot
         assert snap is not None and snap.meta.index >= 11
-        held = sum(len(driver.core.entry(i).data)  # type: ignore[union-attr]
+        held = sum(len(cast(Entry, driver.core.entry(i)).data)
                    for i in range(driver.core.first_index, driver.core.last_index + 1))
         assert held < 100_000
 
@@ -454,7 +470,10 @@ async def test_a_deferred_commit_rides_on_the_next_append_or_goes_out_after_the_
 class EarlyTimerLoop(asyncio.SelectorEventLoop):
     """Fires every timer 2 ms before its deadline, as uvloop can (it rounds to milliseconds)."""
 
-    def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> Any:
+    def call_at(
+        self, when: float, callback: Callable[[*_Ts], object], *args: *_Ts,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
         return super().call_at(when - 0.002, callback, *args, context=context)
 
 
@@ -830,13 +849,13 @@ async def test_a_follower_acknowledges_an_append_only_after_its_fsync(
 
     real_submit = storage.sync_submit
 
-    async def aio(submit: Any) -> None:
-        await real_submit(submit)
+    async def aio(submit: AioSubmit) -> None:
+        await cast("asyncio.Future[None]", real_submit(submit))  # open storage: not None
         log.append(f"synced {storage.last_index} by aio")
 
     storage.sync = sync  # type: ignore[method-assign]
-    storage.sync_submit = (  # type: ignore[method-assign]
-        lambda submit: asyncio.ensure_future(aio(submit)))
+    storage.sync_submit = cast(  # type: ignore[method-assign]
+        SyncSubmit, lambda submit: asyncio.ensure_future(aio(submit)))
     loop_thread = threading.get_ident()
     real_steps = fsm.snapshot_steps
 
@@ -974,14 +993,14 @@ async def test_a_follower_answers_heartbeats_while_a_slow_fsync_runs(
         real_sync()
         log.append(f"synced {storage.last_index}")
 
-    async def aio(submit: Any) -> None:
+    async def aio(submit: AioSubmit) -> None:
         await asyncio.sleep(0.5)
-        await real_submit(submit)
+        await cast("asyncio.Future[None]", real_submit(submit))  # open storage: not None
         log.append(f"synced {storage.last_index} by aio")
 
     storage.sync = sync  # type: ignore[method-assign]
-    storage.sync_submit = (  # type: ignore[method-assign]
-        lambda submit: asyncio.ensure_future(aio(submit)))
+    storage.sync_submit = cast(  # type: ignore[method-assign]
+        SyncSubmit, lambda submit: asyncio.ensure_future(aio(submit)))
     driver.start()
     try:
         if async_fsync and not aio_available():

@@ -16,7 +16,7 @@ from dcl.raft.types import (
     Role,
     VoteResponse,
 )
-from tests.unit.raft.cluster import Cluster, with_config
+from tests.unit.raft.cluster import Cluster, role_of, with_config
 
 NO_PREVOTE = with_config(pre_vote=False, check_quorum=False)
 
@@ -51,7 +51,7 @@ def test_election_timeout_is_randomized_in_election_tick_to_twice() -> None:
         n.tick()
     assert n.role is Role.FOLLOWER
     n.tick()
-    assert n.role is Role.CANDIDATE
+    assert role_of(n) is Role.CANDIDATE
 
 
 def test_follower_becomes_candidate_and_requests_votes_after_timeout() -> None:
@@ -129,7 +129,7 @@ def test_candidate_steps_down_when_majority_rejects() -> None:
     assert a.role is Role.CANDIDATE
     a.step(VoteResponse(a.term, "b", "a", False))
     a.step(VoteResponse(a.term, "c", "a", False))
-    assert a.role is Role.FOLLOWER
+    assert role_of(a) is Role.FOLLOWER
 
 
 def test_split_votes_are_resolved_by_later_elections() -> None:

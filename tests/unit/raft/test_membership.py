@@ -17,7 +17,7 @@ from dcl.raft.types import (
     RequestVote,
     Role,
 )
-from tests.unit.raft.cluster import Cluster
+from tests.unit.raft.cluster import Cluster, role_of
 
 ADD_LEARNER = ConfChangeType.ADD_LEARNER
 PROMOTE = ConfChangeType.PROMOTE_LEARNER
@@ -138,7 +138,7 @@ def test_removing_the_leader_steps_it_down_after_the_change_commits() -> None:
     assert a.role is Role.LEADER  # still leads while the change is uncommitted
     c.stabilize()
     assert a.commit_index >= index
-    assert a.role is Role.LEARNER
+    assert role_of(a) is Role.LEARNER
     for _ in range(40):
         c.tick()
         c.stabilize()

@@ -43,7 +43,7 @@ async def test_writes_in_one_loop_turn_reach_the_peer_together_and_in_order() ->
     b.setblocking(False)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
-    corked = CorkedTransport(transport)  # type: ignore[arg-type]
+    corked = CorkedTransport(transport)
     try:
         corked.write(b"one,")
         corked.write(b"")

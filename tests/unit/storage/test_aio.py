@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import struct
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -131,7 +132,7 @@ def _completions_fail_with_eio(aio: AioFsync) -> None:
         if number == getevents:
             for i in range(max(got, 0)):
                 res = i * 32 + 16  # struct io_event: data, obj, res, res2
-                aio._events[res:res + 8] = (-errno.EIO).to_bytes(8, "little", signed=True)
+                struct.pack_into("<q", aio._events, res, -errno.EIO)
         return got
 
     aio._syscall = failing  # type: ignore[assignment]
