@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/storage.py
 	$(PY) bench/raft_core.py
 	$(PY) bench/cluster.py
+	$(PY) bench/floor.py
 	$(PY) bench/catchup.py
 	$(PY) bench/loaded.py
 	$(PY) bench/tail.py
