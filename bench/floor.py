@@ -26,9 +26,7 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -37,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster import cpu_seconds, free_port, pct, stop_cluster
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -48,12 +47,6 @@ from dcl.server.certs import PkiFiles, generate_pki
 from dcl.server.server import _CorkedServer
 from dcl.storage.aio import AioFsync
 from dcl.tls import client_context, server_context
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Disk:
@@ -187,16 +180,6 @@ async def serve(role: str, work: Path, port: int, peer_ports: list[int], fsync: 
     server.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
-
-
 async def measure(work: Path, ports: list[int], procs: list[subprocess.Popen[bytes]],
                   calls: int, tls: bool) -> dict[str, float]:
     pki = PkiFiles(work / "pki")
@@ -259,14 +242,7 @@ def main() -> None:
     try:
         out = asyncio.run(measure(work, ports, procs, args.calls, not args.no_tls))
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_cluster(procs, [], work)
     print(f"floor one-at-a-time: p50 {out['floor_p50_ms']} ms, p99 {out['floor_p99_ms']} ms; "
           f"CPU per call: leader {out['leader_cpu_us']} us, followers {out['follower_cpu_us']} us"
           f" each, client {out['client_cpu_us']} us")
