@@ -250,6 +250,36 @@ async def test_a_restarted_node_catches_up_after_compaction(
             assert not installed, "the victim must have caught up from retained log entries"
 
 
+async def test_a_node_catching_up_takes_no_more_than_twice_its_raft_log_cap(
+    pki: PkiFiles, tmp_path: Path
+) -> None:
+    """A restarted node gets 32 MiB of log as fast as the leader can send it, with a 512 KiB
+    Raft-log cap: its snapshots (copies of its growing commit log) cannot keep up, and
+    entries arriving while one builds used to pile up in memory. It must stop taking them
+    at twice the cap until the snapshot frees memory, say so, and still end with exactly
+    the leader's records."""
+    cluster = Cluster(pki, tmp_path, snapshot_threshold=1)
+    for node in cluster.nodes:
+        node.extra_args += ["--snapshot-log-bytes", str(512 << 10)]
+    async with cluster:
+        leader = await cluster.wait_for_members(cluster.nodes, timeout=SETTLE)
+        victim = cluster.others(leader)[0]
+        victim.kill()
+        expected: dict[int, bytes] = {}
+        for i in range(64):  # one 512 KiB Raft entry each
+            batch = [b"%d-%d-" % (i, j) + b"x" * 4000 for j in range(128)]
+            first = await leader.produce_batch(batch)
+            expected |= {first + j: v for j, v in enumerate(batch)}
+
+        cluster.start(victim)
+        await cluster.wait_for_members(cluster.nodes, timeout=SETTLE)
+        await wait_for_log(victim, expected)
+        assert await victim.consume_all() == await leader.consume_all()
+        text = victim.log_path.read_text()
+        assert "refusing appends" in text, "the victim never reached its memory limit"
+        assert "taking appends again" in text
+
+
 async def test_a_removed_node_stops_receiving_records(pki: PkiFiles, tmp_path: Path) -> None:
     async with Cluster(pki, tmp_path) as cluster:
         leader = await cluster.wait_for_members(cluster.nodes, timeout=SETTLE)

@@ -125,6 +125,7 @@ class RaftDriver:
         commit_timeout: float = 10.0,
         snapshot_threshold_entries: int = 0,
         snapshot_max_log_bytes: int = 1 << 30,
+        max_log_memory_bytes: int | None = None,
         commit_announce_delay: float = 0.002,
         rng: random.Random | None = None,
         async_fsync: bool = True,
@@ -147,6 +148,12 @@ class RaftDriver:
         self._commit_timeout = commit_timeout
         self._snapshot_every = snapshot_threshold_entries
         self._snapshot_max_log_bytes = snapshot_max_log_bytes
+        #: See `log_memory_full`; twice the snapshot cap unless given.
+        self._max_log_memory = (
+            2 * snapshot_max_log_bytes if max_log_memory_bytes is None else max_log_memory_bytes
+        )
+        #: Appends refused since the log filled (`log_memory_full`), for the log line.
+        self._refused_appends = 0
         self._wake = asyncio.Event()
         #: index -> (term, settle(error, result), commit-timeout timer), one per proposal.
         self._waiters: dict[int, tuple[int, _Settle, asyncio.TimerHandle]] = {}
@@ -215,6 +222,20 @@ class RaftDriver:
         """A message from a peer (called by the transport service)."""
         if m.dst != self.node_id:
             return
+        if type(m) is AppendEntries and m.entries:
+            if self.log_memory_full:
+                # Dropped, not answered: the leader resends what this node lacks once it
+                # answers again (a lost message to Raft), probing at the heartbeat's pace.
+                if not self._refused_appends:
+                    log.warning("raft log over its memory limit while a snapshot is built: "
+                                "refusing appends node=%s log_bytes=%d limit=%d",
+                                self.node_id, self.core.log_bytes, self._max_log_memory)
+                self._refused_appends += 1
+                return
+            if self._refused_appends:
+                log.info("taking appends again node=%s refused=%d log_bytes=%d",
+                         self.node_id, self._refused_appends, self.core.log_bytes)
+                self._refused_appends = 0
         try:
             self.core.step(m)
         except OSError as exc:
@@ -257,6 +278,22 @@ class RaftDriver:
 
     def status(self) -> Status:
         return self.core.status()
+
+    @property
+    def log_memory_full(self) -> bool:
+        """The Raft log this node holds in memory has reached `max_log_memory_bytes` while a
+        snapshot that will free it is being built: take no new entries until it is done.
+
+        The snapshot cap alone does not bound memory: entries keep arriving while a snapshot
+        builds, which takes as long as copying the commit log (seconds per GiB), so a node
+        under a steady write (or catching up) held several times the cap. A follower drops
+        appends meanwhile; a leader's ReplicatedBackend holds new appends back. Under way
+        includes the write of the last snapshot: the next one, which frees what came in
+        meanwhile, starts after it. Without a snapshot under way there is nothing to wait
+        for (snapshots off, or one skipped on damage), and entries are taken as before.
+        """
+        return (self.core.log_bytes >= self._max_log_memory and self.snapshot_in_progress
+                and self._failed is None and not self._stopping)  # a stopped one never frees
 
     @property
     def snapshot_in_progress(self) -> bool:

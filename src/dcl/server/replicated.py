@@ -568,6 +568,9 @@ class LogFsm:
 #: Coalesced appends are cut into Raft entries of about this many payload bytes.
 _COALESCE_BYTES = 1 << 20
 
+#: How often held-back appends look again whether the Raft log has room.
+_HOLD_POLL_SECONDS = 0.01
+
 
 def _fail_all(
     chunk: Sequence[tuple[Sequence[bytes], asyncio.Future[int]]], exc: BaseException
@@ -588,6 +591,8 @@ class ReplicatedBackend:
         driver.on_applied = self._notify
         self._closed = False
         self._pending: list[tuple[Sequence[bytes], asyncio.Future[int]]] = []
+        #: When appends began to be held back (`RaftDriver.log_memory_full`), else None.
+        self._held_since: float | None = None
 
     def _notify(self) -> None:
         self._applied.set()
@@ -621,8 +626,27 @@ class ReplicatedBackend:
         return fut
 
     def _flush(self) -> None:
-        """Propose the coalesced appends, in order, as entries of bounded size."""
-        pending, self._pending = self._pending, []
+        """Propose the coalesced appends, in order, as entries of bounded size.
+
+        While the in-memory Raft log is full (`RaftDriver.log_memory_full`) they stay
+        queued, in order, and are looked at again every `_HOLD_POLL_SECONDS`: writers wait
+        for the snapshot that frees it rather than grow this node's memory without bound.
+        An append whose caller gave up meanwhile (deadline, cancel) is not proposed.
+        """
+        loop = asyncio.get_running_loop()
+        if self.driver.log_memory_full and self._pending and not self._closed:
+            if self._held_since is None:
+                self._held_since = loop.time()
+                log.warning("raft log over its memory limit while a snapshot is built: "
+                            "holding appends back node=%s", self.driver.node_id)
+            loop.call_later(_HOLD_POLL_SECONDS, self._flush)
+            return
+        if self._held_since is not None:
+            log.info("appends resume after %.3f s held back node=%s",
+                     loop.time() - self._held_since, self.driver.node_id)
+            self._held_since = None
+        pending = [item for item in self._pending if not item[1].done()]
+        self._pending = []
         for chunk in runs_within(pending, lambda item: sum(map(len, item[0])), _COALESCE_BYTES):
             self._propose_chunk(chunk)
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar, TypeVarTuple, cast
 
 import pytest
 
+from dcl.api.log.v1 import log_pb2
 from dcl.errors import CommitTimeout, NotLeader, Unavailable
 from dcl.raft.driver import INLINE_SYNC_BYTES, RaftDriver, Transport
 from dcl.raft.storage import RaftStorage
@@ -38,7 +39,7 @@ from dcl.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
-from dcl.server.replicated import LogFsm, encode_records_cmd
+from dcl.server.replicated import LogFsm, ReplicatedBackend, encode_records_cmd
 from dcl.storage.aio import available as aio_available
 
 pytestmark = pytest.mark.timeout(30)
@@ -1027,3 +1028,131 @@ async def test_a_follower_answers_heartbeats_while_a_slow_fsync_runs(
         await driver.stop()
         storage.close()
         fsm.close()
+
+
+def gate_snapshots(fsm: LogFsm) -> threading.Event:
+    """Hold every snapshot of `fsm` in its build until the returned event is set, as a
+    commit log of many GiB would (the build copies it)."""
+    gate = threading.Event()
+    real_steps = fsm.snapshot_steps
+
+    def gated_steps() -> Generator[memoryview | None, None, None]:
+        inner = real_steps()
+        try:
+            while not gate.is_set():
+                time.sleep(0.002)
+                yield None
+            yield from inner
+        finally:
+            inner.close()
+
+    fsm.snapshot_steps = gated_steps  # type: ignore[method-assign]
+    return gate
+
+
+def record_value(fsm: LogFsm, offset: int) -> bytes:
+    return log_pb2.Record.FromString(fsm.log.read(offset)).value
+
+
+def record_entry(index: int) -> Entry:
+    return Entry(1, index, EntryType.NORMAL, encode_records_cmd([bytes([index % 256]) * 1024]))
+
+
+async def test_a_follower_takes_no_appends_past_its_memory_limit_while_a_snapshot_builds(
+    tmp_path: Path,
+) -> None:
+    """A follower gets 1 KiB entries while its snapshot takes long to build. Its in-memory
+    Raft log stops at the limit: later appends are dropped unanswered (the leader resends
+    them), and it takes them again once the snapshot is built. Every entry ends up applied,
+    in order, exactly once."""
+    fsm = LogFsm(tmp_path / "fsm")
+    storage = RaftStorage(tmp_path / "raft")
+    answers: list[AppendResponse] = []
+
+    class Answers:
+        def send(self, messages: Sequence[Message]) -> None:
+            answers.extend(m for m in messages if isinstance(m, AppendResponse))
+
+    gate = gate_snapshots(fsm)
+    driver = RaftDriver("f", storage, fsm, Answers(), config=Config(election_tick=50),
+                        tick_seconds=0.01, snapshot_threshold_entries=1,
+                        snapshot_max_log_bytes=4096, max_log_memory_bytes=8192)
+    driver.start()
+
+    async def send(index: int) -> AppendResponse | None:
+        """Append entry `index` (committed with it); its answer, or None after 0.1 s."""
+        before = len(answers)
+        driver.receive(AppendEntries(1, "L", "f", index - 1, 1, (record_entry(index),), index))
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+            if len(answers) > before:
+                return answers[-1]
+        return None
+
+    try:
+        await _joined(driver)  # entries 1-2; the first snapshot starts building, held
+        assert driver.snapshot_in_progress
+        index = 3
+        while (answer := await send(index)) is not None:
+            assert answer.index == index and not answer.reject
+            index += 1
+            assert index < 40, "the follower never stopped taking entries"
+        last = index - 1
+        assert driver.log_memory_full and driver.core.last_index == last
+        assert 8192 <= driver.core.log_bytes < 8192 + 1100
+        for later in (index, index + 1):  # dropped, nothing appended, nothing answered
+            assert await send(later) is None
+        assert driver.core.last_index == last
+
+        gate.set()
+        for _ in range(500):
+            if not driver.log_memory_full:
+                break
+            await asyncio.sleep(0.01)
+        for resent in range(index, index + 5):
+            answer = await send(resent)
+            assert answer is not None and answer.index == resent and not answer.reject
+        for _ in range(500):
+            if driver.core.applied_index == index + 4 and not driver.snapshot_in_progress:
+                break
+            await asyncio.sleep(0.01)
+        assert driver.core.log_bytes < 4096  # compacted behind a snapshot again
+        assert fsm.log.next_offset == index + 2  # one record per entry from index 3 on
+        assert [record_value(fsm, i - 3) for i in range(3, index + 5)] == [
+            bytes([i % 256]) * 1024 for i in range(3, index + 5)]
+    finally:
+        gate.set()
+        await driver.stop()
+        storage.close()
+        fsm.close()
+
+
+async def test_a_leader_holds_appends_back_past_its_memory_limit_while_a_snapshot_builds(
+    tmp_path: Path,
+) -> None:
+    """On a leader whose snapshot takes long to build, appends past the memory limit wait
+    (nothing is proposed: its Raft log does not grow) and complete once it is built, in
+    order; one whose caller gave up meanwhile is never appended."""
+    async with leader(tmp_path, snapshot_threshold_entries=1, snapshot_max_log_bytes=4096,
+                      max_log_memory_bytes=8192) as driver:
+        fsm = cast(LogFsm, driver._fsm)
+        gate = gate_snapshots(fsm)
+        backend = ReplicatedBackend(driver, fsm, "127.0.0.1:1")
+        await until_applied(driver)
+        offsets = []
+        while not driver.log_memory_full:
+            offsets.append(await asyncio.wait_for(backend.append([b"a" * 1024]), 2))
+            assert len(offsets) < 40, "the leader never held appends back"
+        assert offsets == list(range(len(offsets)))
+        last = driver.core.last_index
+        given_up = asyncio.ensure_future(backend.append([b"gone"]))
+        held = [asyncio.ensure_future(backend.append([v])) for v in (b"b", b"c")]
+        await asyncio.sleep(0.2)
+        assert not any(f.done() for f in (given_up, *held))
+        assert driver.core.last_index == last  # nothing proposed
+        given_up.cancel()
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*held), 5) == [
+            len(offsets), len(offsets) + 1]
+        assert [record_value(fsm, o) for o in (len(offsets), len(offsets) + 1)] == [b"b", b"c"]
+        assert fsm.log.next_offset == len(offsets) + 2
