@@ -92,6 +92,26 @@ async def solo(tmp_path: Path) -> AsyncIterator[RaftDriver]:
         yield driver
 
 
+def hold_snapshots(fsm: LogFsm, hold: Callable[[int], bool], pause: float) -> None:
+    """Make each of `fsm`'s snapshot builds take steps of `pause` seconds (on the loop, as a
+    real build's steps do) while `hold(steps taken so far)` is true, then build for real."""
+    real_steps = fsm.snapshot_steps
+
+    def held_steps() -> Generator[memoryview | None, None, None]:
+        inner = real_steps()
+        try:
+            step = 0
+            while hold(step):
+                time.sleep(pause)
+                step += 1
+                yield None
+            yield from inner
+        finally:
+            inner.close()
+
+    fsm.snapshot_steps = held_steps  # type: ignore[method-assign]
+
+
 async def snapshot_settled(driver: RaftDriver) -> None:
     """Until the background snapshot (if any) is built, compacted and written."""
     for _ in range(500):
@@ -858,19 +878,7 @@ async def test_a_follower_acknowledges_an_append_only_after_its_fsync(
     storage.sync_submit = cast(  # type: ignore[method-assign]
         SyncSubmit, lambda submit: asyncio.ensure_future(aio(submit)))
     loop_thread = threading.get_ident()
-    real_steps = fsm.snapshot_steps
-
-    def slow_steps() -> Generator[memoryview | None, None, None]:
-        inner = real_steps()
-        try:
-            for _ in range(100):  # about a second of building, in steps
-                time.sleep(0.01)
-                yield None
-            yield from inner
-        finally:
-            inner.close()
-
-    fsm.snapshot_steps = slow_steps  # type: ignore[method-assign]
+    hold_snapshots(fsm, lambda step: step < 100, 0.01)  # about a second of building
     driver = RaftDriver("f", storage, fsm, Acks(), config=Config(election_tick=50),
                         tick_seconds=0.01, snapshot_threshold_entries=2 if snapshotting else 0)
     driver.start()
@@ -1034,19 +1042,7 @@ def gate_snapshots(fsm: LogFsm) -> threading.Event:
     """Hold every snapshot of `fsm` in its build until the returned event is set, as a
     commit log of many GiB would (the build copies it)."""
     gate = threading.Event()
-    real_steps = fsm.snapshot_steps
-
-    def gated_steps() -> Generator[memoryview | None, None, None]:
-        inner = real_steps()
-        try:
-            while not gate.is_set():
-                time.sleep(0.002)
-                yield None
-            yield from inner
-        finally:
-            inner.close()
-
-    fsm.snapshot_steps = gated_steps  # type: ignore[method-assign]
+    hold_snapshots(fsm, lambda step: not gate.is_set(), 0.002)
     return gate
 
 
