@@ -21,6 +21,7 @@ import random
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, Protocol
 
+from dcl.batching import runs_within
 from dcl.errors import CommitTimeout, CorruptRecord, NotLeader, Unavailable
 from dcl.raft.core import RaftNode
 from dcl.raft.storage import RaftStorage
@@ -92,6 +93,16 @@ _Settle = Callable[[BaseException | None, Any], None]
 #: heartbeats too, and the followers would elect another leader, where now they keep
 #: committing without the stalled one's fsync.
 INLINE_SYNC_BYTES = 64 << 10
+
+#: Committed entries are applied in runs of about this many payload bytes, with a loop turn
+#: between runs, so readers, the proposers' replies and gossip are served while a follower
+#: catching up (or any node after a burst) applies many MiB at once: applying 8 MiB of
+#: 100 B records takes about 130 ms on these machines, 1 MiB about 16.
+APPLY_STEP_BYTES = 1 << 20
+
+
+def _entry_bytes(entry: Entry) -> int:
+    return len(entry.data)
 
 
 def _resolver(fut: asyncio.Future[Any]) -> _Settle:
@@ -518,7 +529,7 @@ class RaftDriver:
                 self._answer_heartbeats()
             await self._persisting(loop.run_in_executor(None, self._fsm.checkpoint))
             self.on_applied()  # readers waiting at the tail: the log grew
-        answered = self._apply(rd.committed_entries) if rd.committed_entries else False
+        answered = await self._apply_in_steps(rd.committed_entries)
         if rd.send_before_persist and not send_early and rd.messages:
             if answered and not any(
                 isinstance(m, AppendEntries) and m.entries for m in rd.messages
@@ -543,6 +554,17 @@ class RaftDriver:
         saved = self._storage.snapshot
         if saved is not None:
             self.core.use_snapshot_copy(saved)
+
+    async def _apply_in_steps(self, entries: Sequence[Entry]) -> bool:
+        """`_apply` in runs of `APPLY_STEP_BYTES`, yielding to the loop between runs."""
+        if len(entries) <= 1:
+            return self._apply(entries) if entries else False
+        answered = False
+        for i, run in enumerate(runs_within(entries, _entry_bytes, APPLY_STEP_BYTES)):
+            if i:
+                await asyncio.sleep(0)
+            answered = self._apply(run) or answered
+        return answered
 
     def _apply(self, entries: Sequence[Entry]) -> bool:
         """Apply and settle the proposers waiting on these entries; True if there were any."""

@@ -1152,3 +1152,44 @@ async def test_a_leader_holds_appends_back_past_its_memory_limit_while_a_snapsho
             len(offsets), len(offsets) + 1]
         assert [record_value(fsm, o) for o in (len(offsets), len(offsets) + 1)] == [b"b", b"c"]
         assert fsm.log.next_offset == len(offsets) + 2
+
+
+async def test_a_large_commit_is_applied_in_steps_that_let_readers_in(tmp_path: Path) -> None:
+    """A follower learns of 8 MiB of committed entries at once (as one catching up does):
+    applying them all in one go kept every reader of the node waiting (130 ms for 100 B
+    records here). A reader polling the log meanwhile must see it grow MiB by MiB."""
+    fsm = LogFsm(tmp_path / "fsm")
+    storage = RaftStorage(tmp_path / "raft")
+    driver = RaftDriver("f", storage, fsm, Recording(), config=Config(election_tick=50),
+                        tick_seconds=0.01)
+    driver.start()
+    seen: list[int] = []
+
+    async def reader() -> None:
+        while True:
+            if not seen or seen[-1] != fsm.log.next_offset:
+                seen.append(fsm.log.next_offset)
+            await asyncio.sleep(0)
+
+    polling = asyncio.ensure_future(reader())
+    try:
+        await _joined(driver)
+        per_entry = (1 << 20) // 110  # about 1 MiB of 100 B records each
+        entries = tuple(
+            Entry(1, 3 + i, EntryType.NORMAL, encode_records_cmd([bytes([i]) * 100] * per_entry))
+            for i in range(8))
+        driver.receive(AppendEntries(1, "L", "f", 2, 1, entries, 10))
+        for _ in range(500):
+            if driver.core.applied_index == 10:
+                break
+            await asyncio.sleep(0.01)
+        assert fsm.log.next_offset == 8 * per_entry
+        assert seen[-1] == 8 * per_entry
+        steps = [n for n in seen if 0 < n < 8 * per_entry]
+        assert len(steps) >= 6, f"the reader saw the log at {seen} only"
+        assert all(n % per_entry == 0 for n in steps)  # whole entries, in order
+    finally:
+        polling.cancel()
+        await driver.stop()
+        storage.close()
+        fsm.close()
