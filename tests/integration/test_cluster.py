@@ -276,7 +276,13 @@ async def test_a_node_catching_up_takes_no_more_than_twice_its_raft_log_cap(
         await wait_for_log(victim, expected)
         assert await victim.consume_all() == await leader.consume_all()
         text = victim.log_path.read_text()
-        assert "refusing appends" in text, "the victim never reached its memory limit"
+        refused = [(int(b), int(limit)) for b, limit in
+                   re.findall(r"refusing appends .*log_bytes=(\d+) limit=(\d+)", text)]
+        assert refused, "the victim never reached its memory limit"
+        # It stops at the limit, twice the cap, over by at most the message that crossed it
+        # (the leader puts up to 1 MiB of entries in one).
+        assert all(limit == 2 * (512 << 10) for _, limit in refused)
+        assert all(limit <= held < limit + (1 << 20) for held, limit in refused), refused
         assert "taking appends again" in text
 
 

@@ -242,6 +242,7 @@ class RaftDriver:
                                 "refusing appends node=%s log_bytes=%d limit=%d",
                                 self.node_id, self.core.log_bytes, self._max_log_memory)
                 self._refused_appends += 1
+                self._wake.set()  # the loop starts the snapshot if none is under way
                 return
             if self._refused_appends:
                 log.info("taking appends again node=%s refused=%d log_bytes=%d",
@@ -300,11 +301,18 @@ class RaftDriver:
         under a steady write (or catching up) held several times the cap. A follower drops
         appends meanwhile; a leader's ReplicatedBackend holds new appends back. Under way
         includes the write of the last snapshot: the next one, which frees what came in
-        meanwhile, starts after it. Without a snapshot under way there is nothing to wait
-        for (snapshots off, or one skipped on damage), and entries are taken as before.
+        meanwhile, starts after it. Between two snapshots, the driver's loop starts the next
+        one as soon as the log is over the limit (`_run`) rather than at the next apply, and
+        entries wait for it. Where none can be taken (snapshots off, one skipped on damage,
+        nothing of this log applied yet) there is nothing to wait for, and entries are
+        taken as before.
         """
-        return (self.core.log_bytes >= self._max_log_memory and self.snapshot_in_progress
-                and self._failed is None and not self._stopping)  # a stopped one never frees
+        log_bytes = self.core.log_bytes
+        if log_bytes < self._max_log_memory or self._failed is not None or self._stopping:
+            return False  # (a stopped driver frees nothing)
+        # Under way, or one can start now (due by the cap), which the loop does next.
+        return self.snapshot_in_progress or (
+            log_bytes >= self._snapshot_max_log_bytes and self._snapshot_allowed())
 
     @property
     def snapshot_in_progress(self) -> bool:
@@ -370,6 +378,8 @@ class RaftDriver:
                     self._compact_built()
                 if self._writing is not None and self._writing[1].done():
                     self._adopt_written()
+                if self.core.log_bytes >= self._max_log_memory:
+                    self._maybe_snapshot()  # see `log_memory_full`
                 role = self.core.role
                 if role is not self._last_role:
                     self._last_role = role
@@ -563,6 +573,7 @@ class RaftDriver:
         for i, run in enumerate(runs_within(entries, _entry_bytes, APPLY_STEP_BYTES)):
             if i:
                 await asyncio.sleep(0)
+                self._answer_heartbeats()  # as between restore steps
             answered = self._apply(run) or answered
         return answered
 
@@ -582,6 +593,13 @@ class RaftDriver:
                     self._settle(entry.index, NotLeader(self.core.leader_id), None)
         self.on_applied()
         return answered
+
+    def _snapshot_allowed(self) -> bool:
+        """Snapshots are on, and one may be taken of what is applied now (not before the
+        log's first entry, nor again before the threshold after one skipped on damage)."""
+        applied = self.core.applied_index
+        return (self._snapshot_every > 0 and not self._stopping
+                and applied >= self._snapshot_after and applied >= self.core.first_index)
 
     def _maybe_snapshot(self) -> None:
         """Start a snapshot in the background once the Raft log holds
@@ -603,13 +621,9 @@ class RaftDriver:
         (see dcl.storage.files.replace_atomically).
         One snapshot at a time.
         """
-        if self._snapshot_every <= 0 or self._stopping:
-            return
-        if self.snapshot_in_progress:
+        if self.snapshot_in_progress or not self._snapshot_allowed():
             return
         applied = self.core.applied_index
-        if applied < self._snapshot_after or applied < self.core.first_index:
-            return
         held = self.core.snapshot
         log_bytes = self.core.log_bytes
         due = applied - self.core.first_index + 1 >= self._snapshot_every and (

@@ -631,24 +631,35 @@ class ReplicatedBackend:
         While the in-memory Raft log is full (`RaftDriver.log_memory_full`) they stay
         queued, in order, and are looked at again every `_HOLD_POLL_SECONDS`: writers wait
         for the snapshot that frees it rather than grow this node's memory without bound.
-        An append whose caller gave up meanwhile (deadline, cancel) is not proposed.
+        The check is made before each entry, so what was queued during a hold does not
+        overfill the log once it lifts. An append whose caller gave up meanwhile (deadline,
+        cancel; a ProduceStream cancels all it still has queued) is not proposed.
         """
-        loop = asyncio.get_running_loop()
-        if self.driver.log_memory_full and self._pending and not self._closed:
-            if self._held_since is None:
-                self._held_since = loop.time()
-                log.warning("raft log over its memory limit while a snapshot is built: "
-                            "holding appends back node=%s", self.driver.node_id)
-            loop.call_later(_HOLD_POLL_SECONDS, self._flush)
-            return
-        if self._held_since is not None:
-            log.info("appends resume after %.3f s held back node=%s",
-                     loop.time() - self._held_since, self.driver.node_id)
-            self._held_since = None
         pending = [item for item in self._pending if not item[1].done()]
         self._pending = []
-        for chunk in runs_within(pending, lambda item: sum(map(len, item[0])), _COALESCE_BYTES):
+        chunks = runs_within(pending, lambda item: sum(map(len, item[0])), _COALESCE_BYTES)
+        for i, chunk in enumerate(chunks):
+            if self._must_hold():
+                self._pending = [item for rest in chunks[i:] for item in rest] + self._pending
+                asyncio.get_running_loop().call_later(_HOLD_POLL_SECONDS, self._flush)
+                return
             self._propose_chunk(chunk)
+        if self._held_since is not None:
+            log.info("appends resume after %.3f s held back node=%s",
+                     asyncio.get_running_loop().time() - self._held_since, self.driver.node_id)
+            self._held_since = None
+
+    def _must_hold(self) -> bool:
+        """Whether to keep appends queued now: the Raft log is full while this node leads
+        (a node that stopped leading lets them fail at once with NotLeader)."""
+        driver = self.driver
+        if self._closed or not driver.log_memory_full or driver.core.role is not Role.LEADER:
+            return False
+        if self._held_since is None:
+            self._held_since = asyncio.get_running_loop().time()
+            log.warning("raft log over its memory limit while a snapshot is built: "
+                        "holding appends back node=%s", driver.node_id)
+        return True
 
     def _propose_chunk(self, chunk: list[tuple[Sequence[bytes], asyncio.Future[int]]]) -> None:
         values = chunk[0][0] if len(chunk) == 1 else [v for vs, _ in chunk for v in vs]

@@ -92,10 +92,17 @@ def _succeeded(ack: object) -> TypeGuard[asyncio.Future[int]]:
 
 
 def _discard(pending: asyncio.Queue[Awaitable[int] | None]) -> None:
-    # Acks nobody will send: retrieve their exceptions so asyncio does not log them as lost.
+    """Acks nobody will send. Those not yet settled are cancelled: an append still queued
+    in the backend (held back, see ReplicatedBackend._flush) is then never proposed, so a
+    stream that ends keeps its records in order (none after the first one not acked). The
+    settled ones have their exceptions retrieved, so asyncio does not log them as lost."""
     while not pending.empty():
         ack = pending.get_nowait()
-        if isinstance(ack, asyncio.Future) and ack.done() and not ack.cancelled():
+        if not isinstance(ack, asyncio.Future):
+            continue
+        if not ack.done():
+            ack.cancel()
+        elif not ack.cancelled():
             ack.exception()
 
 

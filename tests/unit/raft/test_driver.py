@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, TypeVarTuple, cast
 
@@ -40,6 +40,7 @@ from dcl.raft.types import (
     SnapshotMeta,
 )
 from dcl.server.replicated import LogFsm, ReplicatedBackend, encode_records_cmd
+from dcl.server.services import _discard
 from dcl.storage.aio import available as aio_available
 
 pytestmark = pytest.mark.timeout(30)
@@ -1075,30 +1076,35 @@ async def test_a_follower_takes_no_appends_past_its_memory_limit_while_a_snapsho
                         snapshot_max_log_bytes=4096, max_log_memory_bytes=8192)
     driver.start()
 
-    async def send(index: int) -> AppendResponse | None:
-        """Append entry `index` (committed with it); its answer, or None after 0.1 s."""
-        before = len(answers)
+    def send(index: int) -> bool:
+        """Append entry `index` (committed with it); whether the node took it (the core
+        appends to its log as it steps the message, the answer follows the fsync)."""
         driver.receive(AppendEntries(1, "L", "f", index - 1, 1, (record_entry(index),), index))
-        for _ in range(10):
+        return driver.core.last_index == index
+
+    async def answered(index: int) -> None:
+        for _ in range(500):
+            if any(a.index == index and not a.reject for a in answers):
+                return
             await asyncio.sleep(0.01)
-            if len(answers) > before:
-                return answers[-1]
-        return None
+        raise AssertionError(f"entry {index} was never acknowledged")
 
     try:
         await _joined(driver)  # entries 1-2; the first snapshot starts building, held
         assert driver.snapshot_in_progress
         index = 3
-        while (answer := await send(index)) is not None:
-            assert answer.index == index and not answer.reject
+        while send(index):
             index += 1
             assert index < 40, "the follower never stopped taking entries"
+            await asyncio.sleep(0)
         last = index - 1
-        assert driver.log_memory_full and driver.core.last_index == last
+        await answered(last)
+        assert driver.log_memory_full
         assert 8192 <= driver.core.log_bytes < 8192 + 1100
-        for later in (index, index + 1):  # dropped, nothing appended, nothing answered
-            assert await send(later) is None
+        assert not send(index + 1)  # still refused
+        await asyncio.sleep(0.2)
         assert driver.core.last_index == last
+        assert max(a.index for a in answers) == last  # the refused ones were not answered
 
         gate.set()
         for _ in range(500):
@@ -1106,8 +1112,8 @@ async def test_a_follower_takes_no_appends_past_its_memory_limit_while_a_snapsho
                 break
             await asyncio.sleep(0.01)
         for resent in range(index, index + 5):
-            answer = await send(resent)
-            assert answer is not None and answer.index == resent and not answer.reject
+            assert send(resent)
+            await answered(resent)
         for _ in range(500):
             if driver.core.applied_index == index + 4 and not driver.snapshot_in_progress:
                 break
@@ -1128,7 +1134,9 @@ async def test_a_leader_holds_appends_back_past_its_memory_limit_while_a_snapsho
 ) -> None:
     """On a leader whose snapshot takes long to build, appends past the memory limit wait
     (nothing is proposed: its Raft log does not grow) and complete once it is built, in
-    order; one whose caller gave up meanwhile is never appended."""
+    order. One whose caller gave up meanwhile is never appended, and neither is any of a
+    ProduceStream that ended while they were held (it cancels what it still had queued),
+    so the stream's records cannot land out of order (a later one without an earlier)."""
     async with leader(tmp_path, snapshot_threshold_entries=1, snapshot_max_log_bytes=4096,
                       max_log_memory_bytes=8192) as driver:
         fsm = cast(LogFsm, driver._fsm)
@@ -1142,11 +1150,20 @@ async def test_a_leader_holds_appends_back_past_its_memory_limit_while_a_snapsho
         assert offsets == list(range(len(offsets)))
         last = driver.core.last_index
         given_up = asyncio.ensure_future(backend.append([b"gone"]))
+        stream = [asyncio.ensure_future(backend.append([b"s%d" % i])) for i in range(3)]
         held = [asyncio.ensure_future(backend.append([v])) for v in (b"b", b"c")]
         await asyncio.sleep(0.2)
-        assert not any(f.done() for f in (given_up, *held))
+        assert not any(f.done() for f in (given_up, *stream, *held))
         assert driver.core.last_index == last  # nothing proposed
         given_up.cancel()
+        # The stream's handler is cancelled while it awaits its first ack: that ack is
+        # cancelled with it, and the handler discards the rest of its queue.
+        stream[0].cancel()
+        queued: asyncio.Queue[Awaitable[int] | None] = asyncio.Queue()
+        for ack in stream[1:]:
+            queued.put_nowait(ack)
+        _discard(queued)
+        assert all(ack.cancelled() for ack in stream)
         gate.set()
         assert await asyncio.wait_for(asyncio.gather(*held), 5) == [
             len(offsets), len(offsets) + 1]
