@@ -88,6 +88,9 @@ class AgentConfig:
     snapshot_log_bytes: int = 1 << 30
     #: Raft log kept on disk below the snapshot (see `RaftStorage(retain_bytes=...)`).
     raft_retain_bytes: int = DEFAULT_RETAIN_BYTES
+    #: Raft log bytes in memory past which a node takes no entries until a snapshot frees
+    #: memory (`RaftDriver.log_memory_full`); 0: twice `snapshot_log_bytes`.
+    raft_log_memory_bytes: int = 0
     tick_seconds: float = 0.05
     election_tick: int = 10
     #: While writes are steady, the leader may hold a new commit index this long for its
@@ -223,6 +226,7 @@ class Agent:
             tick_seconds=cfg.tick_seconds,
             snapshot_threshold_entries=cfg.snapshot_threshold_entries,
             snapshot_max_log_bytes=cfg.snapshot_log_bytes,
+            max_log_memory_bytes=cfg.raft_log_memory_bytes or None,
             commit_announce_delay=cfg.commit_announce_seconds,
         )
         self.backend = ReplicatedBackend(self.driver, self.fsm, cfg.rpc_addr)

@@ -27,8 +27,8 @@ _KEYS = (
     "bootstrap", "acl_model_file", "acl_policy_file", "server_tls_cert_file",
     "server_tls_key_file", "server_tls_ca_file", "peer_tls_cert_file", "peer_tls_key_file",
     "peer_tls_ca_file", "gossip_key_file", "snapshot_threshold", "snapshot_log_bytes",
-    "raft_retain_bytes", "segment_bytes", "log_level", "peer_dial_overrides", "insecure_gossip",
-    "commit_announce_ms",
+    "raft_retain_bytes", "raft_log_memory_bytes", "segment_bytes", "log_level",
+    "peer_dial_overrides", "insecure_gossip", "commit_announce_ms",
 )
 _REQUIRED_FILES = (
     "acl_model_file", "acl_policy_file", "server_tls_cert_file", "server_tls_key_file",
@@ -111,6 +111,7 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         snapshot_threshold_entries=int(merged.get("snapshot_threshold", 100_000)),
         snapshot_log_bytes=int(merged.get("snapshot_log_bytes", 1 << 30)),
         raft_retain_bytes=int(merged.get("raft_retain_bytes", DEFAULT_RETAIN_BYTES)),
+        raft_log_memory_bytes=int(merged.get("raft_log_memory_bytes", 0)),
         segment_bytes=int(merged.get("segment_bytes", 64 << 20)),
         log_level=str(merged.get("log_level", "INFO")),
         commit_announce_seconds=announce_ms / 1000,
@@ -196,6 +197,11 @@ def agent(
         "raft_retain_bytes",
         "Raft log kept below the snapshot, so a follower briefly behind catches up from the "
         "log, not by a copy of the whole snapshot. 0: off (it always gets the snapshot).")] = None,
+    raft_log_memory_bytes: Annotated[int | None, _opt(
+        "raft_log_memory_bytes",
+        "Raft log bytes held in memory past which the node takes no new entries until a "
+        "snapshot frees memory (writers wait). 0 (the default): twice --snapshot-log-bytes.")
+    ] = None,
     segment_bytes: Annotated[int | None, _opt("segment_bytes", "Max store segment size.")] = None,
     commit_announce_ms: Annotated[float | None, _opt(
         "commit_announce_ms",

@@ -304,15 +304,17 @@ class RaftDriver:
         meanwhile, starts after it. Between two snapshots, the driver's loop starts the next
         one as soon as the log is over the limit (`_run`) rather than at the next apply, and
         entries wait for it. Where none can be taken (snapshots off, one skipped on damage,
-        nothing of this log applied yet) there is nothing to wait for, and entries are
+        nothing of this log committed yet) there is nothing to wait for, and entries are
         taken as before.
         """
         log_bytes = self.core.log_bytes
         if log_bytes < self._max_log_memory or self._failed is not None or self._stopping:
             return False  # (a stopped driver frees nothing)
-        # Under way, or one can start now (due by the cap), which the loop does next.
+        # Under way, or one can start (due by the cap) now or once what is committed is
+        # applied: the loop starts it next, after that Ready if need be.
         return self.snapshot_in_progress or (
-            log_bytes >= self._snapshot_max_log_bytes and self._snapshot_allowed())
+            log_bytes >= self._snapshot_max_log_bytes
+            and self._snapshot_allowed(self.core.commit_index))
 
     @property
     def snapshot_in_progress(self) -> bool:
@@ -594,12 +596,11 @@ class RaftDriver:
         self.on_applied()
         return answered
 
-    def _snapshot_allowed(self) -> bool:
-        """Snapshots are on, and one may be taken of what is applied now (not before the
+    def _snapshot_allowed(self, upto: int) -> bool:
+        """Snapshots are on, and one may be taken once `upto` is applied (not before the
         log's first entry, nor again before the threshold after one skipped on damage)."""
-        applied = self.core.applied_index
         return (self._snapshot_every > 0 and not self._stopping
-                and applied >= self._snapshot_after and applied >= self.core.first_index)
+                and upto >= self._snapshot_after and upto >= self.core.first_index)
 
     def _maybe_snapshot(self) -> None:
         """Start a snapshot in the background once the Raft log holds
@@ -621,9 +622,9 @@ class RaftDriver:
         (see dcl.storage.files.replace_atomically).
         One snapshot at a time.
         """
-        if self.snapshot_in_progress or not self._snapshot_allowed():
-            return
         applied = self.core.applied_index
+        if self.snapshot_in_progress or not self._snapshot_allowed(applied):
+            return
         held = self.core.snapshot
         log_bytes = self.core.log_bytes
         due = applied - self.core.first_index + 1 >= self._snapshot_every and (

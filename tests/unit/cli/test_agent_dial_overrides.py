@@ -70,3 +70,10 @@ def test_a_bad_commit_announce_delay_is_refused_in_one_line(
     with pytest.raises(typer.Exit):
         build_config({**files(pki), "commit_announce_ms": value}, None)
     assert "--commit-announce-ms must be" in capsys.readouterr().err
+
+
+def test_the_raft_log_memory_limit_is_passed_on_when_given(pki: PkiFiles) -> None:
+    """0 (the default) leaves the driver its own limit, twice the snapshot cap."""
+    assert build_config(files(pki), None).raft_log_memory_bytes == 0
+    config = build_config({**files(pki), "raft_log_memory_bytes": "3145728"}, None)
+    assert config.raft_log_memory_bytes == 3 << 20

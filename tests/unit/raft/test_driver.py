@@ -1073,7 +1073,7 @@ async def test_a_follower_takes_no_appends_past_its_memory_limit_while_a_snapsho
     gate = gate_snapshots(fsm)
     driver = RaftDriver("f", storage, fsm, Answers(), config=Config(election_tick=50),
                         tick_seconds=0.01, snapshot_threshold_entries=1,
-                        snapshot_max_log_bytes=4096, max_log_memory_bytes=8192)
+                        snapshot_max_log_bytes=4096)  # the limit: twice that, by default
     driver.start()
 
     def send(index: int) -> bool:
