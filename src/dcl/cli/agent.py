@@ -83,6 +83,18 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         raise _fail(f"--commit-announce-ms must be a number of milliseconds from 0 to 1000, "
                     f"not {merged.get('commit_announce_ms')!r}")
 
+    def count(key: str, default: int) -> int:
+        """A size or count option: a whole number, 0 or more, or one clear line."""
+        raw = merged.get(key, default)
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            value = -1
+        if value < 0 or isinstance(raw, float | bool):
+            raise _fail(f"--{key.replace('_', '-')} must be a whole number, 0 or more, "
+                        f"not {raw!r}")
+        return value
+
     def addrs(key: str) -> list[str]:
         raw = merged.get(key) or []
         items = raw.split(",") if isinstance(raw, str) else [str(a) for a in raw]
@@ -108,11 +120,11 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         peer_tls_ca_file=Path(merged["peer_tls_ca_file"]),
         acl_model_file=Path(merged["acl_model_file"]),
         acl_policy_file=Path(merged["acl_policy_file"]),
-        snapshot_threshold_entries=int(merged.get("snapshot_threshold", 100_000)),
-        snapshot_log_bytes=int(merged.get("snapshot_log_bytes", 1 << 30)),
-        raft_retain_bytes=int(merged.get("raft_retain_bytes", DEFAULT_RETAIN_BYTES)),
-        raft_log_memory_bytes=int(merged.get("raft_log_memory_bytes", 0)),
-        segment_bytes=int(merged.get("segment_bytes", 64 << 20)),
+        snapshot_threshold_entries=count("snapshot_threshold", 100_000),
+        snapshot_log_bytes=count("snapshot_log_bytes", 1 << 30),
+        raft_retain_bytes=count("raft_retain_bytes", DEFAULT_RETAIN_BYTES),
+        raft_log_memory_bytes=count("raft_log_memory_bytes", 0),
+        segment_bytes=count("segment_bytes", 64 << 20),
         log_level=str(merged.get("log_level", "INFO")),
         commit_announce_seconds=announce_ms / 1000,
     )

@@ -77,3 +77,17 @@ def test_the_raft_log_memory_limit_is_passed_on_when_given(pki: PkiFiles) -> Non
     assert build_config(files(pki), None).raft_log_memory_bytes == 0
     config = build_config({**files(pki), "raft_log_memory_bytes": "3145728"}, None)
     assert config.raft_log_memory_bytes == 3 << 20
+
+
+@pytest.mark.parametrize("key", ["raft_log_memory_bytes", "snapshot_log_bytes",
+                                 "raft_retain_bytes", "segment_bytes", "snapshot_threshold"])
+@pytest.mark.parametrize("value", [-1, "lots", 1.5])
+def test_a_bad_size_is_refused_in_one_line(
+    pki: PkiFiles, key: str, value: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From a flag, the environment or a config file: a negative number, a word or a
+    fraction stops the agent with one line naming the option, not a traceback."""
+    with pytest.raises(typer.Exit):
+        build_config({**files(pki), key: value}, None)
+    err = capsys.readouterr().err
+    assert f"--{key.replace('_', '-')} must be a whole number, 0 or more" in err
