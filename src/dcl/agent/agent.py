@@ -37,7 +37,7 @@ from dcl.raft.types import Config as RaftConfig
 from dcl.raft.types import Role
 from dcl.server.acl import Action, Authorizer
 from dcl.server.raft_transport import AdminService, GrpcTransport, RaftService
-from dcl.server.replicated import LogFsm, ReplicatedBackend, encode_address_cmd
+from dcl.server.replicated import LogFsm, ReplicatedBackend, Retention, encode_address_cmd
 from dcl.server.server import DclServer, build_server
 from dcl.storage import LogConfig
 from dcl.tls import client_context, server_context
@@ -91,6 +91,10 @@ class AgentConfig:
     #: Raft log bytes in memory past which a node takes no entries until a snapshot frees
     #: memory (`RaftDriver.log_memory_full`); 0: twice `snapshot_log_bytes`.
     raft_log_memory_bytes: int = 0
+    #: Commit log a node keeps, by size and by age of its newest record (0: no limit); see
+    #: `LogFsm.enforce_retention`. Checked every `checkpoint_seconds`.
+    retention_bytes: int = 0
+    retention_seconds: float = 0.0
     tick_seconds: float = 0.05
     election_tick: int = 10
     #: While writes are steady, the leader may hold a new commit index this long for its
@@ -202,7 +206,8 @@ class Agent:
         cfg = self.config
         data = Path(cfg.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        self.fsm = LogFsm(data / "fsm", LogConfig(max_store_bytes=cfg.segment_bytes))
+        self.fsm = LogFsm(data / "fsm", LogConfig(max_store_bytes=cfg.segment_bytes),
+                          retention=Retention(cfg.retention_bytes, cfg.retention_seconds))
         self._undo.append(self._close_fsm)
         storage = RaftStorage(data / "raft", max_segment_bytes=cfg.segment_bytes,
                               retain_bytes=cfg.raft_retain_bytes)
@@ -416,7 +421,9 @@ class Agent:
                 await asyncio.sleep(0.05)
 
     async def _checkpoint_loop(self) -> None:
-        """Bound how much of the Raft log a restart must re-apply to the commit log.
+        """Bound how much of the Raft log a restart must re-apply to the commit log; then
+        apply retention (on the loop, which owns the log; it writes one small file durably
+        and unlinks, the blocks are freed in the background).
 
         A failed checkpoint (an fsync or write error on the commit log's disk) fails the
         node: it could not vouch for its commit log any more, and without checkpoints the
@@ -427,8 +434,10 @@ class Agent:
             await asyncio.sleep(self.config.checkpoint_seconds)
             try:
                 await loop.run_in_executor(None, self.fsm.checkpoint)
+                self.fsm.enforce_retention()
             except Exception as exc:
-                log.exception("commit log checkpoint failed node=%s", self.config.node_name)
+                log.exception("commit log checkpoint or retention failed node=%s",
+                              self.config.node_name)
                 self._on_storage_failed(exc)
                 return
 

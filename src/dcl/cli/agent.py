@@ -27,7 +27,8 @@ _KEYS = (
     "bootstrap", "acl_model_file", "acl_policy_file", "server_tls_cert_file",
     "server_tls_key_file", "server_tls_ca_file", "peer_tls_cert_file", "peer_tls_key_file",
     "peer_tls_ca_file", "gossip_key_file", "snapshot_threshold", "snapshot_log_bytes",
-    "raft_retain_bytes", "raft_log_memory_bytes", "segment_bytes", "log_level",
+    "raft_retain_bytes", "raft_log_memory_bytes", "segment_bytes", "retention_bytes",
+    "retention_ms", "log_level",
     "peer_dial_overrides", "insecure_gossip", "commit_announce_ms",
 )
 _REQUIRED_FILES = (
@@ -125,6 +126,8 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         raft_retain_bytes=count("raft_retain_bytes", DEFAULT_RETAIN_BYTES),
         raft_log_memory_bytes=count("raft_log_memory_bytes", 0),
         segment_bytes=count("segment_bytes", 64 << 20),
+        retention_bytes=count("retention_bytes", 0),
+        retention_seconds=count("retention_ms", 0) / 1000,
         log_level=str(merged.get("log_level", "INFO")),
         commit_announce_seconds=announce_ms / 1000,
     )
@@ -215,6 +218,14 @@ def agent(
         "snapshot frees memory (writers wait). 0 (the default): twice --snapshot-log-bytes.")
     ] = None,
     segment_bytes: Annotated[int | None, _opt("segment_bytes", "Max store segment size.")] = None,
+    retention_bytes: Annotated[int | None, _opt(
+        "retention_bytes",
+        "Commit log this node keeps: its oldest segments go while the rest still hold this "
+        "many bytes (as Kafka's retention.bytes). 0 (the default): all of it.")] = None,
+    retention_ms: Annotated[int | None, _opt(
+        "retention_ms",
+        "Drop a commit log segment once its newest record is this old (as Kafka's "
+        "retention.ms). 0 (the default): never.")] = None,
     commit_announce_ms: Annotated[float | None, _opt(
         "commit_announce_ms",
         "While writes are steady, hold a commit's notice to followers up to this long for "

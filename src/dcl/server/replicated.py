@@ -23,6 +23,8 @@ import logging
 import os
 import struct
 import threading
+import time
+import weakref
 import zlib
 from collections.abc import Awaitable, Generator, Sequence
 from pathlib import Path
@@ -39,7 +41,10 @@ from dcl.server.records import encode_record
 from dcl.storage import Log, LogConfig
 from dcl.storage.files import map_readonly, replace_atomically
 
-__all__ = ["CMD_PEER_ADDRESS", "CMD_RECORDS", "LogFsm", "ReplicatedBackend", "encode_records_cmd"]
+__all__ = [
+    "CMD_PEER_ADDRESS", "CMD_RECORDS", "LogFsm", "ReplicatedBackend", "Retention",
+    "encode_records_cmd",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +98,37 @@ def _snapshot_header(data: memoryview) -> tuple[int, dict[str, str], int]:
     return first, addresses, pos + book_len
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of the commit log a node keeps (0: no limit); see `LogFsm.enforce_retention`.
+    Each node applies it to its own log, as Kafka's replicas do: a read below a node's first
+    offset answers OUT_OF_RANGE, naming the range it holds."""
+
+    max_bytes: int = 0
+    max_age_seconds: float = 0.0
+
+
+def _write_sealed_json(path: Path, doc: dict[str, Any]) -> None:
+    """Durably replace `path` with `doc`, CRC-prefixed so a damaged file is told apart."""
+    body = json.dumps(doc).encode()
+    replace_atomically(path, [_U32.pack(zlib.crc32(body)), body])
+
+
+def _read_sealed_json(path: Path) -> dict[str, Any] | None:
+    """A `_write_sealed_json` file's document; None if missing. ValueError if damaged."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    crc, body = raw[:4], raw[4:]
+    if _U32.pack(zlib.crc32(body)) != crc:
+        raise ValueError(f"checksum mismatch in {path}")
+    doc = json.loads(body)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} does not hold an object")
+    return doc
+
+
 def _check_framing(
     data: memoryview, pos: int, have: int
 ) -> Generator[None, None, tuple[int, int, int]]:
@@ -141,10 +177,19 @@ class LogFsm:
     """
 
     def __init__(
-        self, directory: Path, config: LogConfig | None = None, *, verify: bool = True
+        self, directory: Path, config: LogConfig | None = None, *, verify: bool = True,
+        retention: Retention | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._checkpoint_path = directory / "fsm.checkpoint"
+        #: The lowest offset retention last cut the commit log to, written before the cut.
+        self._floor_path = directory / "fsm.retained"
+        self.retention = retention or Retention()
+        #: Snapshot builds and restores in progress (weakly held: one dropped unstarted
+        #: pins nothing), each with the lowest offset it needs; retention cuts below all.
+        self._pins: weakref.WeakKeyDictionary[Generator[Any, None, None], int] = (
+            weakref.WeakKeyDictionary()
+        )
         self._stamps_path = directory / "fsm.verified"
         #: Scratch file a snapshot is built in (unlinked as soon as it is mapped).
         self._build_path = directory / "snapshot.build"
@@ -156,6 +201,11 @@ class LogFsm:
         self.addresses: dict[str, str] = {}
         self._checkpoint_lock = threading.Lock()
         applied, next_offset, lowest, addresses = self._load_checkpoint()
+        retained = self._load_floor()
+        if lowest < self.log.lowest_offset <= min(retained, next_offset):
+            # Retention cut there after the last checkpoint. (A cut past the checkpoint's
+            # end took records a restart re-applies: the log is then rebuilt from Raft.)
+            lowest = self.log.lowest_offset
         if self.log.lowest_offset != lowest:
             # Segments at the head went missing (a removed file): the log would silently start
             # later than the other nodes'. Start it over where it began and rebuild it.
@@ -205,18 +255,15 @@ class LogFsm:
 
     def _load_checkpoint(self) -> tuple[int, int, int, dict[str, str]]:
         """(applied index, next offset, lowest offset, address book); a missing or unreadable
-        checkpoint vouches for nothing, so the whole commit log is then rebuilt from Raft."""
+        checkpoint vouches for nothing, so the whole commit log is then rebuilt from Raft:
+        from offset 0 when the Raft log is replayed from its start (the log's own first
+        offset may be a retention cut), or from the Raft snapshot's first, which resets it."""
         lowest = self.log.lowest_offset
-        nothing: tuple[int, int, int, dict[str, str]] = (0, lowest, lowest, {})
+        nothing: tuple[int, int, int, dict[str, str]] = (0, 0, 0, {})
         try:
-            raw = self._checkpoint_path.read_bytes()
-        except FileNotFoundError:
-            return nothing
-        crc, body = raw[:4], raw[4:]
-        try:
-            if _U32.pack(zlib.crc32(body)) != crc:
-                raise ValueError("checksum mismatch")
-            doc = json.loads(body)
+            doc = _read_sealed_json(self._checkpoint_path)
+            if doc is None:
+                return nothing
             return (
                 int(doc["applied"]), int(doc["next_offset"]),
                 int(doc.get("lowest_offset", lowest)), dict(doc.get("addresses", {})),
@@ -225,6 +272,16 @@ class LogFsm:
             log.error("fsm checkpoint unreadable, rebuilding the commit log path=%s error=%s",
                       self._checkpoint_path, exc)
             return nothing
+
+    def _load_floor(self) -> int:
+        """The offset retention last cut to (-1: never). A damaged record of it only costs a
+        rebuild if segments are missing at the head (they then look lost)."""
+        try:
+            doc = _read_sealed_json(self._floor_path)
+            return -1 if doc is None else int(doc["lowest_offset"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("retention record unreadable path=%s error=%s", self._floor_path, exc)
+            return -1
 
     def _load_stamps(self) -> dict[int, list[int]]:
         try:
@@ -292,7 +349,7 @@ class LogFsm:
                 self.restore(snapshot)
                 source = f"raft snapshot at index {snap_index}, then the raft log"
             else:
-                self.log.reset(self.log.lowest_offset)
+                self.log.reset(0)  # the Raft log's first entry made offset 0 (retention or not)
                 self.applied_index = 0
                 source = "raft log from its start"
             if walkable and self.log.next_offset != offset:
@@ -341,12 +398,49 @@ class LogFsm:
                     # one can then succeed without them: vouching for them would be a lie.
                     raise self._behind_error
                 self.log.sync()
-            body = json.dumps({
+            _write_sealed_json(self._checkpoint_path, {
                 "applied": applied, "next_offset": next_offset, "lowest_offset": lowest,
                 "addresses": addresses,
-            }).encode()
-            replace_atomically(self._checkpoint_path, [_U32.pack(zlib.crc32(body)), body])
+            })
             self._checkpointed = (applied, next_offset)
+
+    def enforce_retention(self, now: float | None = None) -> int:
+        """Drop the oldest sealed segments past the retention limits; returns the bytes
+        dropped. On the loop: readers and applies share the log with it.
+
+        As Kafka does: by size, a segment goes while the log is `max_bytes` or more without
+        it (so at most `max_bytes` plus one segment stay); by age, once its store file was
+        last written more than `max_age_seconds` ago (its newest record's age; a restore
+        writes the records anew, so they age from then). The active segment always stays,
+        and so does anything a snapshot build or restore in progress reads.
+
+        The cut is recorded durably before any file goes: a crash in between must not look
+        like lost segments at the next open (which would rebuild the whole log from Raft).
+        """
+        limits = self.retention
+        if not (limits.max_bytes or limits.max_age_seconds) or self._rebuild_to is not None:
+            return 0
+        keep_from = min(self._pins.values(), default=self.log.next_offset)
+        spans = self.log.segment_spans()
+        total = sum(size for _, _, size in spans)
+        now = time.time() if now is None else now
+        cut, dropped = spans[0][0], 0
+        for base, end, size in spans[:-1]:
+            if end > keep_from:
+                break
+            by_size = limits.max_bytes and total - dropped - size >= limits.max_bytes
+            by_age = limits.max_age_seconds and (
+                now - self.log.last_written(base) > limits.max_age_seconds)
+            if not (by_size or by_age):
+                break
+            cut, dropped = end, dropped + size
+        if not dropped:
+            return 0
+        _write_sealed_json(self._floor_path, {"lowest_offset": cut})
+        self.log.truncate_before(cut)
+        log.info("retention dropped segments path=%s lowest_offset=%d bytes=%d",
+                 self.log.directory, cut, dropped)
+        return dropped
 
     # ------------------------------------------------------------------ Fsm protocol
 
@@ -409,7 +503,9 @@ class LogFsm:
         (no snapshot can be taken without the record).
         """
         book = json.dumps(self.addresses).encode()
-        return self._build_snapshot(book, self.log.lowest_offset, self.log.next_offset)
+        steps = self._build_snapshot(book, self.log.lowest_offset, self.log.next_offset)
+        self._pins[steps] = self.log.lowest_offset  # retention keeps what it will read
+        return steps
 
     def _build_snapshot(
         self, book: bytes, offset: int, end: int
@@ -446,6 +542,12 @@ class LogFsm:
         self.checkpoint()
 
     def restore_steps(self, snapshot: Snapshot) -> Generator[None, None, None]:
+        """See `_restore_steps`; retention cuts nothing while it runs."""
+        steps = self._restore_steps(snapshot)
+        self._pins[steps] = -1
+        return steps
+
+    def _restore_steps(self, snapshot: Snapshot) -> Generator[None, None, None]:
         """Make the state the snapshot's, a few milliseconds of work per step.
 
         A snapshot is as large as the commit log, seconds per GiB to restore, and the driver

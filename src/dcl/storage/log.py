@@ -239,6 +239,12 @@ class Log:
         self._check_open()
         return [(s.base_offset, s.next_offset, s.end_position) for s in self._segments]
 
+    def last_written(self, base_offset: int) -> float:
+        """When the segment starting at `base_offset` was last appended to (its store
+        file's mtime, epoch seconds): what age-based retention goes by."""
+        self._check_open()
+        return os.stat(self.directory / (segment_name(base_offset) + STORE_SUFFIX)).st_mtime
+
     def sealed_stamps(self) -> dict[int, tuple[int, int, int, int]]:
         """`Store.stamp()` of every sealed (non-active) segment, by base offset, for `verify`."""
         self._check_open()

@@ -79,8 +79,22 @@ def test_the_raft_log_memory_limit_is_passed_on_when_given(pki: PkiFiles) -> Non
     assert config.raft_log_memory_bytes == 3 << 20
 
 
+def test_retention_is_off_unless_given_and_passed_on_in_bytes_and_seconds(
+    pki: PkiFiles, tmp_path: Path
+) -> None:
+    config = build_config(files(pki), None)
+    assert (config.retention_bytes, config.retention_seconds) == (0, 0.0)
+    yml = tmp_path / "node.yaml"
+    yml.write_text("retention-bytes: 1073741824\nretention-ms: 604800000\n")
+    config = build_config(files(pki), yml)
+    assert (config.retention_bytes, config.retention_seconds) == (1 << 30, 7 * 24 * 3600.0)
+    config = build_config({**files(pki), "retention_ms": "1500"}, yml)  # a flag wins
+    assert config.retention_seconds == 1.5
+
+
 @pytest.mark.parametrize("key", ["raft_log_memory_bytes", "snapshot_log_bytes",
-                                 "raft_retain_bytes", "segment_bytes", "snapshot_threshold"])
+                                 "raft_retain_bytes", "segment_bytes", "snapshot_threshold",
+                                 "retention_bytes", "retention_ms"])
 @pytest.mark.parametrize("value", [-1, "lots", 1.5])
 def test_a_bad_size_is_refused_in_one_line(
     pki: PkiFiles, key: str, value: object, capsys: pytest.CaptureFixture[str]
