@@ -6,6 +6,11 @@ one place (dcl.server) and clients can decide whether a retry can help.
 
 from __future__ import annotations
 
+import re
+
+#: How `OffsetOutOfRange` names the range the log holds, in its message (and so on the wire).
+_HELD = re.compile(r"\(log holds \[(\d+), (\d+)\)\)")
+
 
 class DclError(Exception):
     """Root of every error DCL Store raises on purpose."""
@@ -26,6 +31,15 @@ class OffsetOutOfRange(DclError):
         if lowest is not None and next_offset is not None:
             detail += f" (log holds [{lowest}, {next_offset}))"
         super().__init__(detail)
+
+    @classmethod
+    def from_message(cls, offset: int, message: str) -> OffsetOutOfRange:
+        """Rebuilt on the client from the server's status message, with the held range when
+        the message names one (a reader below a retention cut learns where the log starts)."""
+        held = _HELD.search(message)
+        error = cls(offset, int(held[1]), int(held[2])) if held else cls(offset)
+        error.args = (message,)
+        return error
 
 
 class CorruptRecord(DclError):

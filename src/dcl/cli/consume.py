@@ -61,7 +61,10 @@ async def _consume(
     output: OutputFormat,
     out: BinaryIO,
 ) -> None:
-    first = await client.end_offset() if start == "end" else int(start)
+    if start == "start":
+        first = await client.start_offset()
+    else:
+        first = await client.end_offset() if start == "end" else int(start)
     end = await client.end_offset(first)  # OffsetOutOfRange if first is not readable
     limit = count
     if not follow:
@@ -83,8 +86,9 @@ async def _consume(
 
 def consume(
     from_: Annotated[str, typer.Option(
-        "--from", help="First offset to print, or 'end' for records produced from now on.")
-    ] = "0",
+        "--from", help="First offset to print; 'start': the first the log still holds "
+        "(0 unless retention dropped older records); 'end': records produced from now on.")
+    ] = "start",
     count: Annotated[int | None, typer.Option(
         "--count", "-n", min=1, help="Stop after this many records.", show_default=False)
     ] = None,
@@ -102,8 +106,8 @@ def consume(
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
 ) -> None:
     """Print records from --from to the end of the log (or on, with --follow)."""
-    if from_ != "end" and not (from_.isdigit()):
-        fail(f"--from takes an offset (a non-negative integer) or 'end', not {from_!r}")
+    if from_ not in ("start", "end") and not from_.isdigit():
+        fail(f"--from takes an offset (a non-negative integer), 'start' or 'end', not {from_!r}")
     conn = Connection.from_options(addr, ca_file, cert_file, key_file, timeout)
     out = sys.stdout.buffer
     conn.run(lambda client: _consume(client, from_, count, follow, output, out))

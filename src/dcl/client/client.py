@@ -61,7 +61,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from dcl.api.dcl.v1 import admin_grpc, admin_pb2, batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.client.errors import BatchPartiallyWritten, ProduceOutcomeUnknown, from_status
-from dcl.errors import DclError, InvalidRequest, Unavailable
+from dcl.errors import DclError, InvalidRequest, OffsetOutOfRange, Unavailable
 from dcl.tls import client_context
 
 __all__ = ["LEADER_METADATA_KEY", "ClusterStatus", "DclClient", "NodeStatus", "ServerInfo"]
@@ -339,6 +339,18 @@ class DclClient:
             return records, records[-1][0] + 1 if records else offset
 
         return await self._read(call, offset)
+
+    async def start_offset(self) -> int:
+        """The first offset the leader's log still holds: 0, unless retention dropped the
+        records below (`--retention-bytes`, `--retention-ms`). Followers may hold slightly
+        different ranges (each node applies retention to its own log)."""
+        try:
+            await self.end_offset(0)
+        except OffsetOutOfRange as exc:
+            if exc.lowest is None:
+                raise
+            return exc.lowest
+        return 0
 
     async def end_offset(self, offset: int = 0) -> int:
         """The offset the leader's log assigns next: the end of the log as committed and

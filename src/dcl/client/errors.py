@@ -90,7 +90,7 @@ def from_status(
 ) -> DclError:
     """The dcl.errors exception a status stands for (inverse of dcl.server.errors)."""
     if status is Status.OUT_OF_RANGE:
-        return _with_message(OffsetOutOfRange(offset if offset is not None else -1), message)
+        return OffsetOutOfRange.from_message(-1 if offset is None else offset, message or "")
     if status in (Status.PERMISSION_DENIED, Status.UNAUTHENTICATED):
         return _with_message(PermissionDenied("<this client>", "call"), message)
     if status in (Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED):

@@ -67,6 +67,9 @@ class SyncClient:
     def get_servers(self) -> list[ServerInfo]:
         return self._run(self._client.get_servers())
 
+    def start_offset(self) -> int:
+        return self._run(self._client.start_offset())
+
     def end_offset(self, offset: int = 0) -> int:
         return self._run(self._client.end_offset(offset))
 
