@@ -26,6 +26,10 @@ By default the nodes keep no Raft log below their snapshot (`--raft-retain-bytes
 follower needs the snapshot. `--retain-mib R` lets them keep R MiB: with R above what the
 follower missed, it catches up from the leader's retained log entries instead (checked: it
 must not install a snapshot), and the same figures compare the two paths.
+
+`--retention-mib K` runs every node with `--retention-bytes` K MiB: the commit log, and so
+each snapshot, stays near K MiB however much is written (the follower's progress is read at
+the newest record, which retention keeps).
 """
 
 from __future__ import annotations
@@ -68,12 +72,14 @@ async def stable_size(path: Path, still: float = 1.0, timeout: float = 60.0) -> 
 
 
 async def run(
-    quick: bool, mib: int | None = None, held_mib: int = 0, retain_mib: int = 0
+    quick: bool, mib: int | None = None, held_mib: int = 0, retain_mib: int = 0,
+    retention_mib: int = 0,
 ) -> dict[str, float]:
     mib = mib or (60 if quick else 300)
     log_cap = (16 if quick else 64) << 20  # a few snapshots while writing
     extra = ["--snapshot-threshold", "1000", "--snapshot-log-bytes", str(log_cap),
-             "--raft-retain-bytes", str(retain_mib << 20)]
+             "--raft-retain-bytes", str(retain_mib << 20),
+             "--retention-bytes", str(retention_mib << 20)]
     work, pki, procs, ports, _, channels = launch_cluster("dcl-catchup-", extra)
     out: dict[str, float] = {}
     try:
@@ -111,8 +117,8 @@ async def run(
             leader_peak = max(leader_peak, anon_rss_kib(procs[li].pid))
             counted, sent = answered, time.perf_counter()  # the first call also connects
             try:
-                r = await follower.ConsumeBatch(
-                    batch_pb2.ConsumeBatchRequest(offset=0, max_records=1),
+                r = await follower.ConsumeBatch(  # OUT_OF_RANGE until it holds the last
+                    batch_pb2.ConsumeBatchRequest(offset=end - 1, max_records=1),
                     timeout=60 if answered else 0.5)
                 answered = True
                 if r.next_offset >= end:
@@ -163,8 +169,11 @@ def main() -> None:
                         help="MiB written first, with the follower up (it keeps them)")
     parser.add_argument("--retain-mib", type=int, default=0,
                         help="Raft log each node keeps below its snapshot (default 0)")
+    parser.add_argument("--retention-mib", type=int, default=0,
+                        help="commit log each node keeps (--retention-bytes; default 0: all)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.quick, args.mib, args.held_mib, args.retain_mib))))
+    print(json.dumps(asyncio.run(run(args.quick, args.mib, args.held_mib, args.retain_mib,
+                                     args.retention_mib))))
 
 
 if __name__ == "__main__":
