@@ -38,7 +38,8 @@ class OffsetOutOfRange(DclError):
         the message names one (a reader below a retention cut learns where the log starts)."""
         held = _HELD.search(message)
         error = cls(offset, int(held[1]), int(held[2])) if held else cls(offset)
-        error.args = (message,)
+        if message:
+            error.args = (message,)  # the server's wording
         return error
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,10 @@ async def held_range(node: NodeProcess) -> tuple[int, int]:
     return 0, -1  # offset 0 is still there
 
 
-def store_bytes(node: NodeProcess) -> int:
-    return sum(p.stat().st_size for p in (node.data_dir / "fsm" / "commitlog").glob("*.store"))
+def store_sizes(node: NodeProcess) -> list[int]:
+    """Sizes of the node's commit-log store files, oldest first (names sort by offset)."""
+    stores = sorted((node.data_dir / "fsm" / "commitlog").glob("*.store"))
+    return [path.stat().st_size for path in stores]
 
 
 async def cut_below(node: NodeProcess, end: int) -> tuple[int, int] | None:
@@ -74,20 +77,22 @@ async def test_retention_bounds_each_nodes_log_and_survives_restart_and_catch_up
         for node in cluster.nodes:
 
             async def trimmed(node: NodeProcess = node) -> tuple[int, int] | None:
-                """Cut, and within a segment of the limit once retention has run again."""
+                """Cut as far as the limit allows: one segment less would be under it."""
                 held = await cut_below(node, end)
-                return held if held and store_bytes(node) < RETAIN + 2 * SEGMENT else None
+                sizes = store_sizes(node)
+                return held if held and sum(sizes) - sizes[0] < RETAIN else None
 
             first, next_offset = await eventually(trimmed, timeout=SETTLE,
                                                   what=f"{node.name} cut its log")
             assert next_offset == end
-            assert store_bytes(node) >= RETAIN, f"{node.name} dropped more than it had to"
+            assert sum(store_sizes(node)) >= RETAIN, f"{node.name} dropped more than it had to"
             assert await node.consume(first) == value_at(first)
             assert await node.consume(end - 1) == value_at(end - 1)
             assert await node.consume(first - 1) is None  # OUT_OF_RANGE, not another record
 
         # The CLI reads from where the log starts by default, and says where it starts
         # when asked for less.
+        first, _ = await held_range(leader)
         tls = ["--ca-file", str(pki.ca_cert), "--cert-file", str(pki.root_client_cert),
                "--key-file", str(pki.root_client_key), "--addr", leader.rpc_addr]
         result = run_dcl("consume", "--count", "2", "--output", "json", *tls)
@@ -130,3 +135,27 @@ async def test_retention_bounds_each_nodes_log_and_survives_restart_and_catch_up
         assert "installing snapshot" in newcomer.log_path.read_text()
         for offset in (first, tail - 2, tail - 1):
             assert await newcomer.consume(offset) == value_at(offset)
+
+
+async def test_age_retention_drops_segments_once_their_newest_record_is_old_enough(
+    pki: PkiFiles, tmp_path: Path
+) -> None:
+    cluster = Cluster(pki, tmp_path, size=1)
+    cluster.nodes[0].extra_args += ["--segment-bytes", str(SEGMENT), "--retention-ms", "5000"]
+    async with cluster:
+        node = cluster.nodes[0]
+        end = 0
+        started = time.monotonic()
+        for _ in range(8):  # 512 KiB: eight segments
+            end = await node.produce_batch([value_at(end + i) for i in range(64)]) + 64
+        assert len(store_sizes(node)) >= 8
+        if time.monotonic() - started < 4:  # else the first records may be 5 s old already
+            assert await held_range(node) == (0, -1), "cut before the records were 5 s old"
+
+        async def only_the_active_segment() -> tuple[int, int] | None:
+            return await cut_below(node, end) if len(store_sizes(node)) == 1 else None
+
+        first, _ = await eventually(only_the_active_segment, timeout=SETTLE,
+                                    what="every sealed segment dropped")
+        assert await node.consume(end - 1) == value_at(end - 1)
+        assert await node.consume(first) == value_at(first)

@@ -30,6 +30,7 @@ from dcl.cli.connection import (
 )
 from dcl.cli.errors import fail
 from dcl.client import DclClient
+from dcl.errors import OffsetOutOfRange
 
 __all__ = ["OutputFormat", "consume"]
 
@@ -66,22 +67,45 @@ async def _consume(
     else:
         first = await client.end_offset() if start == "end" else int(start)
     end = await client.end_offset(first)  # OffsetOutOfRange if first is not readable
+    while True:
+        refused = await _print_from(client, first, end, count, follow, output, out)
+        if refused is None:
+            return
+        # From 'start', the follower read from has cut its log further than the leader
+        # (each node applies retention on its own): begin where that one starts.
+        if start != "start" or refused.lowest is None or refused.lowest <= first:
+            raise refused
+        first = refused.lowest
+
+
+async def _print_from(
+    client: DclClient, first: int, end: int, count: int | None, follow: bool,
+    output: OutputFormat, out: BinaryIO,
+) -> OffsetOutOfRange | None:
+    """Print from `first`; the error instead if the first read is out of range (nothing
+    printed yet, so the caller may start elsewhere without leaving a gap)."""
     limit = count
     if not follow:
-        limit = min(end - first, count) if count is not None else end - first
+        limit = min(end - first, count) if count is not None else max(0, end - first)
     if limit == 0:
-        return
+        return None
     written = 0
     batches = client.stream_batches(first)
     async with contextlib.aclosing(batches):
-        async for batch in batches:
-            if limit is not None and written + len(batch) >= limit:
-                batch = batch[: limit - written]
-            out.write(_render(batch, output))
-            out.flush()
-            written += len(batch)
-            if limit is not None and written >= limit:
-                return
+        try:
+            async for batch in batches:
+                if limit is not None and written + len(batch) >= limit:
+                    batch = batch[: limit - written]
+                out.write(_render(batch, output))
+                out.flush()
+                written += len(batch)
+                if limit is not None and written >= limit:
+                    return None
+        except OffsetOutOfRange as exc:
+            if written:
+                raise
+            return exc
+    return None
 
 
 def consume(

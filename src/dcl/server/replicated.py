@@ -340,7 +340,12 @@ class LogFsm:
                     break
         self._rebuild_to = None
         if walkable and offset <= have:
-            self.log.truncate_after(offset - 1)
+            if offset < self.log.lowest_offset:
+                # A retention cut fell inside the entry the walk stopped at: start the log
+                # at that entry's first record (retention drops them again later).
+                self.log.reset(offset)
+            else:
+                self.log.truncate_after(offset - 1)
             self.applied_index = index
             source = f"raft log from index {index + 1}"
         else:
@@ -420,9 +425,13 @@ class LogFsm:
         limits = self.retention
         if not (limits.max_bytes or limits.max_age_seconds) or self._rebuild_to is not None:
             return 0
-        keep_from = min(self._pins.values(), default=self.log.next_offset)
+        # Only what the last checkpoint vouches for: a restart re-applies the entries
+        # after it, and their records must still be there to be cut back to, or it would
+        # take the missing head for lost segments (and none right after a restore, -1).
+        keep_from = min(self._pins.values(), default=self._checkpointed[1])
         spans = self.log.segment_spans()
         total = sum(size for _, _, size in spans)
+        started = time.perf_counter()
         now = time.time() if now is None else now
         cut, dropped = spans[0][0], 0
         for base, end, size in spans[:-1]:
@@ -438,8 +447,8 @@ class LogFsm:
             return 0
         _write_sealed_json(self._floor_path, {"lowest_offset": cut})
         self.log.truncate_before(cut)
-        log.info("retention dropped segments path=%s lowest_offset=%d bytes=%d",
-                 self.log.directory, cut, dropped)
+        log.info("retention dropped segments path=%s lowest_offset=%d bytes=%d took_ms=%.1f",
+                 self.log.directory, cut, dropped, (time.perf_counter() - started) * 1000)
         return dropped
 
     # ------------------------------------------------------------------ Fsm protocol
@@ -447,8 +456,9 @@ class LogFsm:
     def apply(self, entries: Sequence[Entry]) -> list[Any]:
         if self._rebuild_to is not None:
             # recover() was not called and the driver replays the Raft log from its start
-            # (there is no snapshot, or restore() would have run): start the log over.
-            self.log.reset(self.log.lowest_offset)
+            # (there is no snapshot, or restore() would have run): start the log over at
+            # the offset its first entry made.
+            self.log.reset(0)
             self._rebuild_to = None
         results: list[Any] = []
         for entry in entries:
@@ -557,8 +567,10 @@ class LogFsm:
         are taken in between too, but answered with the next Ready, after the restore.)
 
         The log is kept, and only the records it lacks are appended, when it is a prefix of
-        the snapshot's: same first offset and its last record equal to the snapshot's at
-        that offset (a record holds its offset and term). Applied entries are committed, so
+        the snapshot's: its last record equal to the snapshot's at that offset (a record
+        holds its offset and term), wherever each starts (each node's retention cuts its own
+        head, so the kept log may start before or after the snapshot). Applied entries are
+        committed, so
         this is the usual case (a node that fell behind the leader's compaction, or a new
         one), and readers meanwhile see the log only grow, as with applies. Otherwise (a log
         pending rebuild, or one that disagrees, which is logged) it is reset to the
@@ -578,6 +590,8 @@ class LogFsm:
             with self._checkpoint_lock:  # a checkpoint meanwhile records "nothing applied"
                 self._rebuild_to = None
                 self.log.reset(first)
+                # The old cut says nothing about this log: a head missing later is a loss.
+                self._floor_path.unlink(missing_ok=True)
                 self.applied_index = 0
                 self._mark = (0, first)
             after_ours = records_at
@@ -593,12 +607,16 @@ class LogFsm:
     def _is_prefix_of(
         self, data: memoryview, first: int, have: int, our_last: int, count: int
     ) -> bool:
-        """Whether the log holds the snapshot's first `have` records: it starts where the
-        snapshot does, is not pending rebuild, and its last record is the snapshot's record
-        framed at `our_last` (-1: the snapshot has fewer than `have`). Logs a disagreement."""
-        if self._rebuild_to is not None or self.log.lowest_offset != first or have < 0:
+        """Whether the log is a prefix of the snapshot's records from wherever each starts
+        (retention cuts each node's head on its own): it is not pending rebuild, ends within
+        the snapshot, and its last record is the snapshot's record framed at `our_last` (-1:
+        the snapshot has fewer than `have`); an empty log must start where the snapshot
+        does. Logs a disagreement."""
+        if self._rebuild_to is not None or have < 0:
             return False
-        if have == 0 or (our_last >= 0 and self._holds(first + have - 1, data, our_last)):
+        if have == 0 or self.log.lowest_offset == self.log.next_offset:
+            return self.log.lowest_offset == first
+        if our_last >= 0 and self._holds(first + have - 1, data, our_last):
             return True
         log.error(
             "commit log disagrees with the leader's snapshot; replacing it path=%s "

@@ -41,11 +41,12 @@ def open_fsm(root: Path, retention: Retention | None = None, name: str = "fsm") 
 
 def fill(fsm: LogFsm, entries: int = 80, per_entry: int = 10, size: int = 40) -> None:
     """`entries` Raft entries of `per_entry` records of `size` bytes (by default about 24
-    segments)."""
+    segments), then a checkpoint (retention cuts only what one vouches for)."""
     first = fsm.applied_index + 1
     for index in range(first, first + entries):
         values = [f"{index:04d}-{i:02d}".encode().ljust(size, b".") for i in range(per_entry)]
         fsm.apply([Entry(1, index, EntryType.NORMAL, encode_records_cmd(values))])
+    fsm.checkpoint()
 
 
 def assert_serves_from(fsm: LogFsm, lowest: int, next_offset: int) -> None:
@@ -90,10 +91,10 @@ def test_age_retention_drops_segments_whose_newest_record_is_older_but_never_the
     for path in stores[:5]:
         os.utime(path, (now - 120, now - 120))
     end = fsm.log.next_offset
-    fourth_base = fsm.log.segment_spans()[5][0]
+    sixth_base = fsm.log.segment_spans()[5][0]
 
     assert fsm.enforce_retention(now) > 0
-    assert_serves_from(fsm, fourth_base, end)
+    assert_serves_from(fsm, sixth_base, end)
 
     # Everything old: every sealed segment goes, the active one (the log's end) stays.
     assert fsm.enforce_retention(now + 3600) > 0
@@ -132,6 +133,7 @@ def test_a_snapshot_build_or_restore_in_progress_holds_retention_back(
     for _ in restore:
         pass
     del restore
+    assert later.enforce_retention() == 0, "cut before the restore was checkpointed"
     later.checkpoint()
     assert_serves_from(later, 0, end)
     assert later.enforce_retention() > 0
@@ -149,26 +151,31 @@ def test_a_snapshot_build_or_restore_in_progress_holds_retention_back(
 
 def test_a_restart_after_a_cut_keeps_the_log_and_its_applied_index(tmp_path: Path) -> None:
     """The cut is not yet in any checkpoint (a crash right after it): the node must not take
-    the missing head segments for lost ones and rebuild the whole log."""
+    the missing head segments for lost ones and rebuild the whole log. Nor may the cut reach
+    records applied after the last checkpoint: the restart re-applies those entries, at
+    offsets the log must still hold."""
     fsm = open_fsm(tmp_path, Retention(max_bytes=8 * SEGMENT))
-    fill(fsm)
-    fsm.checkpoint()
-    end, applied = fsm.log.next_offset, fsm.applied_index
+    fill(fsm, entries=20)
+    vouched = fsm.log.next_offset
+    for index in range(21, 81):  # applied after the checkpoint
+        values = [(b"%04d-late" % index).ljust(40, b".")] * 10
+        fsm.apply([Entry(1, index, EntryType.NORMAL, encode_records_cmd(values))])
     assert fsm.enforce_retention() > 0
     lowest = fsm.log.lowest_offset
+    assert lowest <= vouched, "cut past what the checkpoint vouches for"
+    assert fsm.log.segment_spans()[1][0] > vouched, "the cut was not held back by the checkpoint"
     fsm.close()  # no checkpoint after the cut
 
     again = open_fsm(tmp_path)
-    assert again.applied_index == applied, "the log was taken for damaged and rebuilt"
-    assert_serves_from(again, lowest, end)
+    assert again.applied_index == 20, "the log was taken for damaged and rebuilt"
+    assert_serves_from(again, lowest, vouched)  # the rest is re-applied from Raft
     again.close()
 
 
 def test_without_the_retention_record_a_missing_head_is_still_rebuilt(tmp_path: Path) -> None:
     fsm = open_fsm(tmp_path, Retention(max_bytes=8 * SEGMENT))
     fill(fsm)
-    fsm.checkpoint()
-    fsm.enforce_retention()
+    assert fsm.enforce_retention() > 0
     fsm.close()
     (tmp_path / "fsm" / "fsm.retained").write_bytes(b"\0" * 8)  # damaged: vouches for nothing
 
@@ -211,3 +218,53 @@ def test_a_damaged_sealed_segment_after_a_cut_is_rebuilt(tmp_path: Path) -> None
     assert fsm.log.lowest_offset == lowest
     assert read_all(fsm) == expected[lowest:]
     stop(fsm, storage)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_damaged_first_kept_segment_is_rebuilt_even_when_the_cut_split_an_entry(
+    tmp_path: Path, seed: int
+) -> None:
+    """Entries span segments, so a cut can fall inside one: the rebuild then starts at that
+    entry's first record, below where the log started (it used to refuse to start)."""
+    write_node(tmp_path, 30 + seed, entries=120)
+    expected, applied, _ = snapshot_of(tmp_path)
+    fsm = open_fsm(tmp_path, Retention(max_bytes=10 * SEGMENT))
+    assert fsm.enforce_retention() > 0
+    lowest = fsm.log.lowest_offset
+    fsm.checkpoint()
+    fsm.close()
+    zero(NodeFiles(tmp_path).stores()[0], 0, 30)  # the first record of the first kept one
+
+    fsm, storage = restart(tmp_path)
+    assert fsm.applied_index == applied
+    assert fsm.log.lowest_offset <= lowest
+    assert read_all(fsm) == expected[fsm.log.lowest_offset:]
+    stop(fsm, storage)
+
+
+@pytest.mark.parametrize("follower_cut", [True, False],
+                         ids=["follower-cut-more", "leader-cut-more"])
+def test_a_node_whose_cut_differs_from_the_snapshots_keeps_its_log_on_restore(
+    tmp_path: Path, follower_cut: bool
+) -> None:
+    """Each node cuts its own head: a follower behind the leader whose records are a prefix
+    of the snapshot's keeps them and appends the rest, whichever started first; readers
+    never see its log shrink."""
+    leader = open_fsm(tmp_path, Retention(max_bytes=10 * SEGMENT), name="leader")
+    follower = open_fsm(tmp_path, Retention(max_bytes=10 * SEGMENT), name="follower")
+    fill(leader, entries=40)
+    fill(follower, entries=40)
+    (follower if follower_cut else leader).enforce_retention()
+    fill(leader, entries=40)
+    assert leader.log.lowest_offset != follower.log.lowest_offset
+    kept = follower.log.lowest_offset
+    held = follower.log.next_offset
+    lows = []
+    for _ in follower.restore_steps(Snapshot(SnapshotMeta(80, 1, frozenset({"a"})),
+                                             leader.snapshot_data())):
+        lows.append(follower.log.lowest_offset)
+    assert set(lows) <= {kept}, "the follower's log was reset"
+    assert_serves_from(follower, kept, leader.log.next_offset)
+    assert read_all(follower)[held - kept:] == read_all(leader)[held - leader.log.lowest_offset:]
+    leader.close()
+    follower.close()
