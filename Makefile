@@ -7,6 +7,7 @@ SEEDS ?= 1000
 DURATION ?= 300
 SEED ?= 1
 NODES ?= 3
+RETENTION ?= 0
 PROTOS := src/dcl/api/log/v1/log.proto $(wildcard src/dcl/api/dcl/v1/*.proto)
 
 .PHONY: run test lint proto sim chaos bench clean
@@ -33,8 +34,10 @@ sim: $(STAMP)
 	$(PY) -m tests.sim --seeds $(SEEDS)
 
 # Jepsen-style run against a real cluster: make chaos DURATION=1800 SEED=3 [NODES=5]
+# [RETENTION=bytes of commit log each node keeps]
 chaos: $(STAMP)
-	$(PY) -m tests.chaos --duration $(DURATION) --seed $(SEED) --nodes $(NODES)
+	$(PY) -m tests.chaos --duration $(DURATION) --seed $(SEED) --nodes $(NODES) \
+		--retention-bytes $(RETENTION)
 
 bench: $(STAMP)
 	$(PY) bench/storage.py

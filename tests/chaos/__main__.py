@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="applied Raft entries between snapshots on each node")
     parser.add_argument("--snapshot-log-bytes", type=int, default=256 << 10,
                         help="Raft-log bytes after which each node snapshots anyway")
+    parser.add_argument("--retention-bytes", type=int, default=0,
+                        help="commit log each node keeps (0: all); the checker then reads "
+                             "each node's log from its first offset")
     parser.add_argument("--cover", action="store_true",
                         help="go on past --duration until every fault kind was injected")
     parser.add_argument("--verbose", action="store_true", help="log each fault")
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ChaosConfig(duration=args.duration, seed=args.seed, workdir=workdir,
                          nodes=args.nodes, kinds=kinds, cover=args.cover,
                          snapshot_threshold=args.snapshot_threshold,
-                         snapshot_log_bytes=args.snapshot_log_bytes)
+                         snapshot_log_bytes=args.snapshot_log_bytes,
+                         retention_bytes=args.retention_bytes)
     result = asyncio.run(run_chaos(config))
     print(format_summary(result))
     print(json.dumps(result.to_json(), separators=(",", ":")))
@@ -66,7 +70,7 @@ def _check_only(workdir: Path) -> int:
 
     history = load_history(workdir / "history.jsonl")
     finals = json.loads((workdir / "final_logs.json").read_text())
-    report = check(history, {name: NodeLog(doc["values"], doc["errors"])
+    report = check(history, {name: NodeLog(doc["values"], doc["errors"], first=doc.get("first", 0))
                              for name, doc in finals.items()})
     for v in report.violations:
         print(f"{v.kind}: {v.detail}")

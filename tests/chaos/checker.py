@@ -18,6 +18,9 @@ Safety (each failure is a `Violation`):
 A node may refuse to serve a damaged range (DATA_LOSS): those offsets are None in its final
 log, are reported as `refused`, and are not read as a loss (the issue allows refusing, never
 serving garbage); the other nodes still must hold the values there.
+With retention on, a node's log starts at its `first` offset: the offsets below are None too,
+neither refused nor lost there; an acknowledged value must still be at its offset on every
+node that holds that offset, and not refused by all of them.
 
 Liveness figures: per fault window, the produce operations invoked during it and in the 10 s
 after it healed (ok / failed / unknown), the time from heal to the first acknowledged write
@@ -61,6 +64,8 @@ class NodeLog:
     values: list[str | None]
     errors: list[str] = field(default_factory=list)
     member: bool = True
+    #: The node's first offset: retention dropped everything below (values there are None).
+    first: int = 0
 
 
 @dataclass
@@ -69,6 +74,8 @@ class Report:
     ops: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     refused: dict[str, int] = field(default_factory=dict)
+    #: Each member's first offset where retention cut its log (only those above 0).
+    first_offsets: dict[str, int] = field(default_factory=dict)
     windows: list[dict[str, Any]] = field(default_factory=list)
     failovers: list[float] = field(default_factory=list)
     final_length: int = 0
@@ -121,6 +128,7 @@ class Report:
             "ops": dict(self.ops),
             "faults": dict(self.faults),
             "refused_offsets": self.refused,
+            "first_offsets": self.first_offsets,
             "final_length": self.final_length,
             "acked_values": self.acked_values,
             "worst_recovery_s": None if worst is None else round(worst, 3),
@@ -150,7 +158,9 @@ def check(history: Sequence[Mapping[str, Any]], logs: Mapping[str, NodeLog]) -> 
     reference = _reference(members, violations)
     report.final_length = len(reference)
     for name, log in members.items():
-        report.refused[name] = sum(1 for v in log.values if v is None)
+        report.refused[name] = sum(1 for v in log.values[log.first:] if v is None)
+        if log.first:
+            report.first_offsets[name] = log.first
         violations.extend(
             Violation("unreadable_node" if e.startswith("final log unreadable") else
                       "non_dense", f"{name}: {e}") for e in log.errors)
@@ -179,8 +189,10 @@ def check(history: Sequence[Mapping[str, Any]], logs: Mapping[str, NodeLog]) -> 
     report.acked_values = len(acks)
 
     for name, log in members.items():
-        _check_node_log(name, log.values, acks, outcome_of, violations)
-    gone = [(o, v) for o, v in acks if o < len(reference) and reference[o] is None]
+        _check_node_log(name, log.values, acks, outcome_of, violations, log.first)
+    lowest_first = min((log.first for log in members.values()), default=0)
+    gone = [(o, v) for o, v in acks
+            if lowest_first <= o < len(reference) and reference[o] is None]
     for offset, value in gone[:MAX_LISTED]:
         violations.append(Violation(
             "lost", f"acked {value!r} at {offset} is refused by every node"))
@@ -213,7 +225,8 @@ def _reference(logs: Mapping[str, NodeLog], violations: list[Violation]) -> list
 
 
 def _check_node_log(name: str, values: Sequence[str | None], acks: Sequence[tuple[int, str]],
-                    outcome_of: Mapping[str, str], violations: list[Violation]) -> None:
+                    outcome_of: Mapping[str, str], violations: list[Violation],
+                    first: int = 0) -> None:
     positions: dict[str, list[int]] = defaultdict(list)
     for offset, value in enumerate(values):
         if value is not None:
@@ -234,6 +247,8 @@ def _check_node_log(name: str, values: Sequence[str | None], acks: Sequence[tupl
         elif outcome == FAILED:
             report("phantom", f"{value!r} at {where} was definitely rejected (outcome failed)")
     for offset, value in sorted(acks):
+        if offset < first:
+            continue  # dropped by retention on this node
         if offset < len(values) and values[offset] is None:
             continue  # refused (damaged range); counted in Report.refused
         if offset >= len(values) or values[offset] != value:

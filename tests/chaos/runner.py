@@ -23,6 +23,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from dcl.api.dcl.v1 import batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.client import DclClient
+from dcl.errors import OffsetOutOfRange
 from dcl.server.certs import generate_pki
 from dcl.tls import client_context
 from tests.chaos.checker import NodeLog, Report, check
@@ -56,6 +57,9 @@ class ChaosConfig:
     #: Small for the same reason: the threshold alone also waits for as many new bytes as
     #: the last snapshot held, which the workload's small values reach only rarely.
     snapshot_log_bytes: int = 256 << 10
+    #: `--retention-bytes` for every node (0: keep everything); the checker then reads each
+    #: node's log from its first offset.
+    retention_bytes: int = 0
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
 
@@ -111,7 +115,8 @@ async def run_chaos(config: ChaosConfig) -> ChaosResult:
                 proxies[(a.name, b.name)] = proxy
                 a.extra_args += ["--peer-dial-override", f"{b.name}=127.0.0.1:{proxy.port}"]
         a.extra_args += ["--segment-bytes", str(config.segment_bytes),
-                         "--snapshot-log-bytes", str(config.snapshot_log_bytes)]
+                         "--snapshot-log-bytes", str(config.snapshot_log_bytes),
+                         "--retention-bytes", str(config.retention_bytes)]
     nemesis = Nemesis(cluster, proxies, history, config.seed, config.kinds)
     ssl_context = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
     workload = Workload(history, [(n.name, n.rpc_addr) for n in cluster.nodes], ssl_context,
@@ -138,7 +143,8 @@ async def run_chaos(config: ChaosConfig) -> ChaosResult:
         for proxy in proxies.values():
             await proxy.close()
     (workdir / "final_logs.json").write_text(json.dumps(
-        {name: {"values": log.values, "errors": log.errors} for name, log in logs.items()}))
+        {name: {"values": log.values, "errors": log.errors, "first": log.first}
+         for name, log in logs.items()}))
     report = check(history.records, logs)
     proxy_stats = {"links": len(proxies),
                    "connections": sum(p.accepted for p in proxies.values()),
@@ -236,10 +242,12 @@ async def _converge_and_read(cluster: Cluster, live: list[NodeProcess], history:
 
 
 async def _read_log(node: NodeProcess, tail: int | None) -> NodeLog:
-    """Every record from offset 0 to the node's tail. A range the node refuses (DATA_LOSS) is
-    read record by record and the refused offsets become None."""
+    """Every record from offset 0 (or the node's first, if retention cut below it) to the
+    node's tail. A range the node refuses (DATA_LOSS) is read record by record and the
+    refused offsets become None."""
     values: list[str | None] = []
     errors: list[str] = []
+    first = 0
     with node.channel() as channel:
         batch = batch_grpc.BatchStub(channel)
         single = log_grpc.LogStub(channel)
@@ -251,6 +259,12 @@ async def _read_log(node: NodeProcess, tail: int | None) -> NodeLog:
                     batch_pb2.ConsumeBatchRequest(offset=offset), timeout=10.0)
                 assert reply is not None
             except GRPCError as exc:
+                if exc.status is Status.OUT_OF_RANGE and not values:
+                    held = OffsetOutOfRange.from_message(offset, exc.message or "")
+                    if held.lowest is not None and held.lowest > 0:
+                        first = held.lowest  # retention: read on from the node's first
+                        values = [None] * first
+                        continue
                 if exc.status is not Status.DATA_LOSS:
                     raise
                 try:
@@ -275,4 +289,4 @@ async def _read_log(node: NodeProcess, tail: int | None) -> NodeLog:
                     errors.append(f"record at position {len(values)} says offset "
                                   f"{record.offset}")
                 values.append(record.value.decode(errors="replace"))
-    return NodeLog(values, errors)
+    return NodeLog(values, errors, first=first)

@@ -110,6 +110,23 @@ def test_an_acknowledged_value_every_node_refuses_is_lost() -> None:
     assert kinds(report) == {"lost"}
 
 
+def test_offsets_retention_dropped_are_neither_lost_nor_refused_but_kept_ones_are_checked() -> None:
+    cut = {"n0": NodeLog([None, None, "c", "d"], first=2), "n1": NodeLog(list(GOOD))}
+    report = check(HISTORY, cut)
+    assert report.violations == []
+    assert report.refused == {"n0": 0, "n1": 0}
+    assert report.first_offsets == {"n0": 2}
+    # Every node cut below an acked offset: nothing left to check there, and no loss.
+    assert check(HISTORY, {"n0": NodeLog([None, None, "c", "d"], first=2)}).violations == []
+    # But a kept offset must still hold its acknowledged value, and a value kept after a cut
+    # must not differ from another node's.
+    lost = {"n0": NodeLog([None, None, "x9", "d"], first=2), "n1": NodeLog(list(GOOD))}
+    assert kinds(check(HISTORY, lost)) == {"lost", "divergent", "phantom"}
+    refused = {"n0": NodeLog([None, None, None, "d"], first=2),
+               "n1": NodeLog(["a", "b", None, "d"])}
+    assert kinds(check(HISTORY, refused)) == {"lost"}
+
+
 def test_a_node_that_is_not_a_member_is_not_checked() -> None:
     nodes = logs(GOOD)
     nodes["gone"] = NodeLog([], member=False)

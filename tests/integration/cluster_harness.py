@@ -28,6 +28,7 @@ from grpclib.health.v1 import health_grpc, health_pb2
 
 from dcl.api.dcl.v1 import admin_grpc, admin_pb2, batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
+from dcl.errors import OffsetOutOfRange
 from dcl.server.certs import PkiFiles
 from dcl.tls import client_context
 
@@ -263,8 +264,14 @@ class NodeProcess:
     async def next_offset(self) -> int:
         with self.channel() as channel:
             stub = batch_grpc.BatchStub(channel)
-            reply = await stub.ConsumeBatch(
-                batch_pb2.ConsumeBatchRequest(offset=0, max_records=1), timeout=CALL_TIMEOUT)
+            try:
+                reply = await stub.ConsumeBatch(
+                    batch_pb2.ConsumeBatchRequest(offset=0, max_records=1), timeout=CALL_TIMEOUT)
+            except GRPCError as exc:  # retention cut offset 0: the answer names the range
+                held = OffsetOutOfRange.from_message(0, exc.message or "")
+                if exc.status is not Status.OUT_OF_RANGE or held.next_offset is None:
+                    raise
+                return held.next_offset
             assert reply is not None
             return reply.next_offset
 
