@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retention-bytes", type=int, default=0,
                         help="commit log each node keeps (0: all); the checker then reads "
                              "each node's log from its first offset")
+    parser.add_argument("--raft-retain-bytes", type=int, default=None,
+                        help="Raft log each node keeps below its snapshot (default: the "
+                             "agent's); 0: lagging nodes always catch up by snapshot")
     parser.add_argument("--cover", action="store_true",
                         help="go on past --duration until every fault kind was injected")
     parser.add_argument("--verbose", action="store_true", help="log each fault")
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                          nodes=args.nodes, kinds=kinds, cover=args.cover,
                          snapshot_threshold=args.snapshot_threshold,
                          snapshot_log_bytes=args.snapshot_log_bytes,
-                         retention_bytes=args.retention_bytes)
+                         retention_bytes=args.retention_bytes,
+                         raft_retain_bytes=args.raft_retain_bytes)
     result = asyncio.run(run_chaos(config))
     print(format_summary(result))
     print(json.dumps(result.to_json(), separators=(",", ":")))

@@ -60,6 +60,9 @@ class ChaosConfig:
     #: `--retention-bytes` for every node (0: keep everything); the checker then reads each
     #: node's log from its first offset.
     retention_bytes: int = 0
+    #: `--raft-retain-bytes` (None: the agent's default); 0 makes every lagging node catch up
+    #: by snapshot, never from retained Raft entries.
+    raft_retain_bytes: int | None = None
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
 
@@ -117,6 +120,8 @@ async def run_chaos(config: ChaosConfig) -> ChaosResult:
         a.extra_args += ["--segment-bytes", str(config.segment_bytes),
                          "--snapshot-log-bytes", str(config.snapshot_log_bytes),
                          "--retention-bytes", str(config.retention_bytes)]
+        if config.raft_retain_bytes is not None:
+            a.extra_args += ["--raft-retain-bytes", str(config.raft_retain_bytes)]
     nemesis = Nemesis(cluster, proxies, history, config.seed, config.kinds)
     ssl_context = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
     workload = Workload(history, [(n.name, n.rpc_addr) for n in cluster.nodes], ssl_context,
