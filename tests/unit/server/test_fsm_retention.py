@@ -203,41 +203,26 @@ def test_a_damaged_log_after_a_cut_is_rebuilt_at_the_same_offsets_from_the_raft_
     stop(fsm, storage)
 
 
-def test_a_damaged_sealed_segment_after_a_cut_is_rebuilt(tmp_path: Path) -> None:
-    write_node(tmp_path, 22, entries=120)
-    expected, applied, _ = snapshot_of(tmp_path)
-    fsm = open_fsm(tmp_path, Retention(max_bytes=12 * SEGMENT))
-    assert fsm.enforce_retention() > 0
-    lowest = fsm.log.lowest_offset
-    fsm.checkpoint()
-    fsm.close()
-    zero(NodeFiles(tmp_path).stores()[1], 40, 30)
-
-    fsm, storage = restart(tmp_path)
-    assert fsm.applied_index == applied
-    assert fsm.log.lowest_offset == lowest
-    assert read_all(fsm) == expected[lowest:]
-    stop(fsm, storage)
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_a_damaged_first_kept_segment_is_rebuilt_even_when_the_cut_split_an_entry(
-    tmp_path: Path, seed: int
+@pytest.mark.parametrize(("seed", "kept"), [(22, 1), *((30 + seed, 0) for seed in range(6))])
+def test_a_damaged_segment_after_a_cut_is_rebuilt_even_when_the_cut_split_an_entry(
+    tmp_path: Path, seed: int, kept: int
 ) -> None:
-    """Entries span segments, so a cut can fall inside one: the rebuild then starts at that
-    entry's first record, below where the log started (it used to refuse to start)."""
-    write_node(tmp_path, 30 + seed, entries=120)
+    """Damage in the `kept`-th segment left after a cut is rebuilt from the Raft log. Entries
+    span segments, so a cut can fall inside one: damage in the first kept segment then makes
+    the rebuild start at that entry's first record, below where the log started (the node
+    used to refuse to start)."""
+    write_node(tmp_path, seed, entries=120)
     expected, applied, _ = snapshot_of(tmp_path)
     fsm = open_fsm(tmp_path, Retention(max_bytes=10 * SEGMENT))
     assert fsm.enforce_retention() > 0
     lowest = fsm.log.lowest_offset
     fsm.checkpoint()
     fsm.close()
-    zero(NodeFiles(tmp_path).stores()[0], 0, 30)  # the first record of the first kept one
+    zero(NodeFiles(tmp_path).stores()[kept], 0 if kept == 0 else 40, 30)
 
     fsm, storage = restart(tmp_path)
     assert fsm.applied_index == applied
-    assert fsm.log.lowest_offset <= lowest
+    assert fsm.log.lowest_offset == lowest if kept else fsm.log.lowest_offset <= lowest
     assert read_all(fsm) == expected[fsm.log.lowest_offset:]
     stop(fsm, storage)
 
