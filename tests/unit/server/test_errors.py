@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from grpclib.const import Status
 
+from dcl.client.errors import from_status
 from dcl.errors import (
     CorruptRecord,
     DclError,
@@ -46,6 +47,20 @@ def test_subclasses_inherit_their_parents_status() -> None:
 
 def test_out_of_range_message_names_the_offset() -> None:
     assert "123" in grpc_status(OffsetOutOfRange(123, 0, 5))[1]
+
+
+def test_a_client_rebuilds_out_of_range_with_the_range_the_server_named() -> None:
+    """Across the wire only the status message travels: the held range must survive it (a
+    reader below a retention cut learns where the log starts), and so must the wording."""
+    status, message, _ = grpc_status(OffsetOutOfRange(0, 5120, 9000))
+    assert status is Status.OUT_OF_RANGE and message is not None
+    back = from_status(status, message, offset=0)
+    assert isinstance(back, OffsetOutOfRange)
+    assert (back.offset, back.lowest, back.next_offset) == (0, 5120, 9000)
+    assert str(back) == message
+    bare = from_status(Status.OUT_OF_RANGE, None, offset=7)
+    assert isinstance(bare, OffsetOutOfRange) and bare.lowest is None
+    assert str(bare) == "offset out of range: 7"
 
 
 def test_not_leader_carries_the_leader_address_in_trailing_metadata() -> None:

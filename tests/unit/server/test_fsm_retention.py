@@ -126,7 +126,9 @@ def test_a_snapshot_build_or_restore_in_progress_holds_retention_back(
     del steps
     assert data is not None
 
+    # A node holding (and vouching for) the first entries: it keeps them and appends.
     later = open_fsm(tmp_path, Retention(max_bytes=SEGMENT), name="later")
+    fill(later, entries=10, per_entry=60, size=200)
     restore = later.restore_steps(Snapshot(SnapshotMeta(100, 1, frozenset({"a"})), data))
     next(restore)
     assert later.enforce_retention() == 0, "cut under a restore in progress"
@@ -251,5 +253,22 @@ def test_a_node_whose_cut_differs_from_the_snapshots_keeps_its_log_on_restore(
     assert set(lows) <= {kept}, "the follower's log was reset"
     assert_serves_from(follower, kept, leader.log.next_offset)
     assert read_all(follower)[held - kept:] == read_all(leader)[held - leader.log.lowest_offset:]
+    leader.close()
+    follower.close()
+
+
+def test_a_restore_that_replaces_the_log_drops_the_old_cut_record(tmp_path: Path) -> None:
+    """The record vouches for a cut of the old log only: kept, it would let a head later
+    lost from the new log pass for a cut."""
+    follower = open_fsm(tmp_path, Retention(max_bytes=10 * SEGMENT), name="follower")
+    fill(follower)
+    assert follower.enforce_retention() > 0
+    assert (tmp_path / "follower" / "fsm.retained").exists()
+    leader = open_fsm(tmp_path, name="leader")
+    fill(leader, size=41)  # other records at the same offsets: not a prefix
+    follower.restore(Snapshot(SnapshotMeta(80, 1, frozenset({"a"})), leader.snapshot_data()))
+    assert not (tmp_path / "follower" / "fsm.retained").exists()
+    assert_serves_from(follower, 0, leader.log.next_offset)
+    assert read_all(follower) == read_all(leader)
     leader.close()
     follower.close()
