@@ -153,11 +153,16 @@ def test_status_shows_every_node_and_exactly_one_leader(dcl: Dcl) -> None:
         assert time.monotonic() < deadline, f"no single leader in {rows}"
         time.sleep(0.2)
     assert all(r["lag"] is not None and r["term"] == leaders[0]["term"] for r in rows)
+    # Each node's own commit-log range and size (no retention here: every log starts at 0).
+    for r in rows:
+        assert r["first_offset"] == 0 and r["next_offset"] >= 0, r
+        assert (r["log_bytes"] > 0) == (r["next_offset"] > 0), r
 
     table = dcl("status")
     assert table.returncode == 0, table.stderr
     body = [line.split() for line in table.stdout.splitlines() if line.strip()]
-    assert body[0][:4] == ["node", "address", "role", "term"]
+    assert body[0] == ["node", "address", "role", "term", "last", "applied", "lag", "offsets",
+                       "log", "gossip"]
     node_rows = [row for row in body if row[0] in names]
     assert len(node_rows) == 3
     assert [row[2] for row in node_rows].count("leader") == 1

@@ -102,6 +102,15 @@ async def test_retention_bounds_each_nodes_log_and_survives_restart_and_catch_up
         assert lines[0]["value"] == value_at(first).decode()
         error = one_line_error(run_dcl("consume", "--from", "0", *tls))
         assert f"offset out of range: 0 (log holds [{first}, {end}))" in error, error
+        # `dcl status` shows each node's range and what it takes on disk.
+        result = run_dcl("status", "--output", "json", *tls)
+        assert result.returncode == 0, result.stderr
+        for row in json.loads(result.stdout):
+            node = next(n for n in cluster.nodes if n.name == row["node"])
+            assert (row["first_offset"], row["next_offset"]) == await held_range(node)
+            assert row["log_bytes"] == sum(store_sizes(node)) < RETAIN + SEGMENT + 2 * KIB
+        table = run_dcl("status", *tls)
+        assert table.stdout.count(f" {first}-{end} ") == 3, table.stdout
 
         # A crash: the node comes back with the log it had, not a rebuilt one.
         victim = cluster.others(leader)[0]

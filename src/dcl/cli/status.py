@@ -1,4 +1,5 @@
-"""``dcl status``: one row per server — role, term, log and apply progress, gossip state.
+"""``dcl status``: one row per server — role, term, log and apply progress, the commit-log
+offsets it holds and their size on disk, gossip state.
 
 Each server is asked (Admin Cluster, in parallel) about itself, because only a node knows
 its own applied index exactly; the leader's answer supplies the gossip state of every
@@ -56,6 +57,9 @@ class Row:
     lag: int | None
     voter: bool | None
     gossip_state: str
+    first_offset: int | None = None
+    next_offset: int | None = None
+    log_bytes: int | None = None
 
 
 async def _ask(client: DclClient, address: str) -> ClusterStatus | None:
@@ -87,7 +91,8 @@ async def _rows(client: DclClient) -> list[Row]:
             continue
         lag = max(leader_row.last_index - mine.applied_index, 0) if leader_row else None
         rows.append(Row(server.id, server.rpc_addr, mine.role, mine.term, mine.last_index,
-                        mine.applied_index, lag, mine.voter, gossip))
+                        mine.applied_index, lag, mine.voter, gossip, mine.first_offset,
+                        mine.next_offset, mine.log_bytes))
     return rows
 
 
@@ -99,6 +104,16 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def _size(nbytes: int) -> str:
+    """Bytes in the largest binary unit that keeps a number >= 1 (1.5K, 64M, 2.0G)."""
+    value = float(nbytes)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "B" or value >= 100 else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 _ROLE_STYLE = {"leader": "bold green", "follower": "green", "learner": "yellow",
                UNREACHABLE: "bold red"}
 
@@ -108,15 +123,17 @@ def _table(rows: list[Row]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("node", "address", "role"):
         table.add_column(name, no_wrap=True)
-    for name in ("term", "last", "applied", "lag"):
+    for name in ("term", "last", "applied", "lag", "offsets", "log"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("gossip", no_wrap=True)
     for row in rows:
         style = _ROLE_STYLE.get(row.role, "yellow")
+        offsets = ("-" if row.first_offset is None else
+                   f"{row.first_offset}-{row.next_offset}")
         table.add_row(
             row.node, row.address, f"[{style}]{row.role}[/]", _cell(row.term),
-            _cell(row.last_index), _cell(row.applied_index), _cell(row.lag),
-            row.gossip_state or "-",
+            _cell(row.last_index), _cell(row.applied_index), _cell(row.lag), offsets,
+            "-" if row.log_bytes is None else _size(row.log_bytes), row.gossip_state or "-",
         )
     return table
 

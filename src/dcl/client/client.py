@@ -131,6 +131,10 @@ class NodeStatus:
     applied_index: int
     voter: bool
     gossip_state: str
+    #: The node's own row only (0 elsewhere): commit-log offsets [first, next) and bytes.
+    first_offset: int = 0
+    next_offset: int = 0
+    log_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +394,7 @@ class DclClient:
             reply.leader_id,
             tuple(
                 NodeStatus(s.id, s.rpc_addr, s.role, s.term, s.last_index, s.applied_index,
-                           s.voter, s.gossip_state)
+                           s.voter, s.gossip_state, s.first_offset, s.next_offset, s.log_bytes)
                 for s in reply.servers
             ),
         )

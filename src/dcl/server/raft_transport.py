@@ -282,9 +282,13 @@ class AdminService(AdminBase):
         core = self._driver.core
         st = core.status()
         servers = []
+        backend = self._backend
         for sid in sorted(st.voters | st.learners | {st.id}):
+            own: dict[str, int] = {}
             if sid == st.id:
                 role, last, applied = st.role.value, st.last_index, st.applied_index
+                own = {"first_offset": backend.lowest_offset,
+                       "next_offset": backend.next_offset, "log_bytes": backend.log_bytes}
             else:
                 pr = st.progress.get(sid)
                 role = ("leader" if sid == st.leader_id else
@@ -293,6 +297,6 @@ class AdminService(AdminBase):
             servers.append(admin_pb2.ServerStatus(
                 id=sid, rpc_addr=self._backend.fsm.addresses.get(sid, ""), role=role,
                 term=st.term, last_index=last, applied_index=applied, voter=sid in st.voters,
-                gossip_state=self._gossip_state(sid) if self._gossip_state else ""))
+                gossip_state=self._gossip_state(sid) if self._gossip_state else "", **own))
         await stream.send_message(
             admin_pb2.ClusterResponse(servers=servers, leader_id=st.leader_id or ""))

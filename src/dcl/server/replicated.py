@@ -822,6 +822,11 @@ class ReplicatedBackend:
     def next_offset(self) -> int:
         return self.fsm.log.next_offset
 
+    @property
+    def log_bytes(self) -> int:
+        """Bytes of the commit log's store files (what retention bounds)."""
+        return sum(size for _, _, size in self.fsm.log.segment_spans())
+
     async def wait_for(self, offset: int) -> None:
         while offset >= self.fsm.log.next_offset:
             if self._closed:

@@ -35,7 +35,7 @@ class ClusterRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("id", "rpc_addr", "role", "term", "last_index", "applied_index", "voter", "gossip_state")
+    __slots__ = ("id", "rpc_addr", "role", "term", "last_index", "applied_index", "voter", "gossip_state", "first_offset", "next_offset", "log_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     RPC_ADDR_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,9 @@ class ServerStatus(_message.Message):
     APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
     VOTER_FIELD_NUMBER: _ClassVar[int]
     GOSSIP_STATE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LOG_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     rpc_addr: str
     role: str
@@ -52,7 +55,10 @@ class ServerStatus(_message.Message):
     applied_index: int
     voter: bool
     gossip_state: str
-    def __init__(self, id: _Optional[str] = ..., rpc_addr: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., voter: _Optional[bool] = ..., gossip_state: _Optional[str] = ...) -> None: ...
+    first_offset: int
+    next_offset: int
+    log_bytes: int
+    def __init__(self, id: _Optional[str] = ..., rpc_addr: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., voter: _Optional[bool] = ..., gossip_state: _Optional[str] = ..., first_offset: _Optional[int] = ..., next_offset: _Optional[int] = ..., log_bytes: _Optional[int] = ...) -> None: ...
 
 class ClusterResponse(_message.Message):
     __slots__ = ("servers", "leader_id")
