@@ -428,10 +428,10 @@ class LogFsm:
         # Only what the last checkpoint vouches for: a restart re-applies the entries
         # after it, and their records must still be there to be cut back to, or it would
         # take the missing head for lost segments (and none right after a restore, -1).
+        started = time.perf_counter()
         keep_from = min(self._pins.values(), default=self._checkpointed[1])
         spans = self.log.segment_spans()
         total = sum(size for _, _, size in spans)
-        started = time.perf_counter()
         now = time.time() if now is None else now
         cut, dropped = spans[0][0], 0
         for base, end, size in spans[:-1]:
@@ -570,11 +570,10 @@ class LogFsm:
         the snapshot's: its last record equal to the snapshot's at that offset (a record
         holds its offset and term), wherever each starts (each node's retention cuts its own
         head, so the kept log may start before or after the snapshot). Applied entries are
-        committed, so
-        this is the usual case (a node that fell behind the leader's compaction, or a new
-        one), and readers meanwhile see the log only grow, as with applies. Otherwise (a log
-        pending rebuild, or one that disagrees, which is logged) it is reset to the
-        snapshot's first offset and refilled.
+        committed, so this is the usual case (a node that fell behind the leader's
+        compaction, or a new one), and readers meanwhile see the log only grow, as with
+        applies. Otherwise (a log pending rebuild, or one that disagrees, which is logged)
+        it is reset to the snapshot's first offset and refilled.
 
         Records are appended as memoryview slices of the snapshot's buffer (a file mapping
         once stored), never copied to the heap. The framing is checked in full before the

@@ -243,7 +243,10 @@ class Log:
         """When the segment starting at `base_offset` was last appended to (its store
         file's mtime, epoch seconds): what age-based retention goes by."""
         self._check_open()
-        return os.stat(self.directory / (segment_name(base_offset) + STORE_SUFFIX)).st_mtime
+        segment = self._segments[bisect.bisect_left(self._bases, base_offset)]
+        if segment.base_offset != base_offset:
+            raise ValueError(f"no segment starts at offset {base_offset}")
+        return segment.store.stamp()[2] / 1e9
 
     def sealed_stamps(self) -> dict[int, tuple[int, int, int, int]]:
         """`Store.stamp()` of every sealed (non-active) segment, by base offset, for `verify`."""
