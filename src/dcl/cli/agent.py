@@ -84,15 +84,15 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         raise _fail(f"--commit-announce-ms must be a number of milliseconds from 0 to 1000, "
                     f"not {merged.get('commit_announce_ms')!r}")
 
-    def count(key: str, default: int) -> int:
-        """A size or count option: a whole number, 0 or more, or one clear line."""
+    def count(key: str, default: int, least: int = 0) -> int:
+        """A size or count option: a whole number, `least` or more, or one clear line."""
         raw = merged.get(key, default)
         try:
             value = int(raw)
         except (TypeError, ValueError):
-            value = -1
-        if value < 0 or isinstance(raw, float | bool):
-            raise _fail(f"--{key.replace('_', '-')} must be a whole number, 0 or more, "
+            value = least - 1
+        if value < least or isinstance(raw, float | bool):
+            raise _fail(f"--{key.replace('_', '-')} must be a whole number, {least} or more, "
                         f"not {raw!r}")
         return value
 
@@ -125,7 +125,7 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         snapshot_log_bytes=count("snapshot_log_bytes", 1 << 30),
         raft_retain_bytes=count("raft_retain_bytes", DEFAULT_RETAIN_BYTES),
         raft_log_memory_bytes=count("raft_log_memory_bytes", 0),
-        segment_bytes=count("segment_bytes", 64 << 20),
+        segment_bytes=count("segment_bytes", 64 << 20, least=1),  # a segment holds bytes
         retention_bytes=count("retention_bytes", 0),
         retention_seconds=count("retention_ms", 0) / 1000,
         log_level=str(merged.get("log_level", "INFO")),

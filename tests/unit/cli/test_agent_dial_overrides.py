@@ -104,4 +104,15 @@ def test_a_bad_size_is_refused_in_one_line(
     with pytest.raises(typer.Exit):
         build_config({**files(pki), key: value}, None)
     err = capsys.readouterr().err
-    assert f"--{key.replace('_', '-')} must be a whole number, 0 or more" in err
+    least = 1 if key == "segment_bytes" else 0
+    assert f"--{key.replace('_', '-')} must be a whole number, {least} or more" in err
+
+
+def test_a_zero_segment_size_is_refused_in_one_line(
+    pki: PkiFiles, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 means "off" for the other sizes, but a segment must hold bytes: it used to pass
+    here and stop the agent with a traceback from the storage layer."""
+    with pytest.raises(typer.Exit):
+        build_config({**files(pki), "segment_bytes": 0}, None)
+    assert "--segment-bytes must be a whole number, 1 or more, not 0" in capsys.readouterr().err
