@@ -34,25 +34,30 @@ ANONYMOUS = "<anonymous>"
 _H2_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
-def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
+def _harden(context: ssl.SSLContext, alpn: tuple[str, ...] = ("h2",)) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # No renegotiation (HTTP/2 forbids it anyway): a connection's peer identity is fixed.
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.set_ciphers(_H2_CIPHERS)
-    context.set_alpn_protocols(["h2"])
+    context.set_alpn_protocols(list(alpn))
     return context
 
 
-def server_context(cert_file: StrPath, key_file: StrPath, ca_file: StrPath) -> ssl.SSLContext:
-    """A server context that only completes handshakes with clients the CA vouches for."""
+def server_context(
+    cert_file: StrPath, key_file: StrPath, ca_file: StrPath, alpn: tuple[str, ...] = ("h2",)
+) -> ssl.SSLContext:
+    """A server context that only completes handshakes with clients the CA vouches for.
+    ``alpn``: HTTP/2 for gRPC; the metrics endpoint speaks HTTP/1.1."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_cert_chain(certfile=cert_file, keyfile=key_file)
     context.load_verify_locations(cafile=ca_file)
-    return _harden(context)
+    return _harden(context, alpn)
 
 
-def client_context(cert_file: StrPath, key_file: StrPath, ca_file: StrPath) -> ssl.SSLContext:
+def client_context(
+    cert_file: StrPath, key_file: StrPath, ca_file: StrPath, alpn: tuple[str, ...] = ("h2",)
+) -> ssl.SSLContext:
     """A client context presenting our certificate and checking the server's name.
 
     grpclib passes the channel's host as ``server_hostname``, so connect by a name or IP the
@@ -63,7 +68,7 @@ def client_context(cert_file: StrPath, key_file: StrPath, ca_file: StrPath) -> s
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_cert_chain(certfile=cert_file, keyfile=key_file)
     context.load_verify_locations(cafile=ca_file)
-    return _harden(context)
+    return _harden(context, alpn)
 
 
 def common_name(cert: Mapping[str, Any] | None) -> str:

@@ -19,6 +19,7 @@ from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from dcl.agent.membership import RPC_ADDR_TAG, MembershipReconciler
+from dcl.agent.metrics import NodeMetrics
 from dcl.api.dcl.v1 import admin_grpc, admin_pb2, raft_pb2
 from dcl.membership import (
     GossipConfig,
@@ -36,6 +37,7 @@ from dcl.raft.storage import DEFAULT_RETAIN_BYTES, RaftStorage
 from dcl.raft.types import Config as RaftConfig
 from dcl.raft.types import Role
 from dcl.server.acl import Action, Authorizer
+from dcl.server.metrics_http import MetricsServer
 from dcl.server.raft_transport import AdminService, GrpcTransport, RaftService
 from dcl.server.replicated import LogFsm, ReplicatedBackend, Retention, encode_address_cmd
 from dcl.server.server import DclServer, build_server
@@ -116,6 +118,9 @@ class AgentConfig:
     gossip: SwimConfig = field(default_factory=SwimConfig)
     #: How often the leader reconciles Raft membership with gossip even without events.
     reconcile_seconds: float = 1.0
+    #: Port of the metrics endpoint (GET /metrics, mutual TLS, on `rpc_host`); None: off,
+    #: 0: a free port (tests).
+    metrics_port: int | None = None
     #: Peer node id -> host:port to dial for Raft traffic instead of the peer's advertised
     #: address (a fault-injecting proxy in tests/chaos); clients still see the real address.
     peer_dial_overrides: dict[str, str] = field(default_factory=dict)
@@ -140,6 +145,8 @@ class Agent:
         self.fsm: LogFsm
         self._transport: GrpcTransport
         self.membership: Membership | None = None
+        self.metrics: NodeMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
         self._reconciler: MembershipReconciler | None = None
         self._gossip_tasks: list[asyncio.Task[None]] = []
         self._gossip_left = False
@@ -257,6 +264,15 @@ class Agent:
         )
         await self.server.start()
         self._undo.append(self.server.close)
+        if cfg.metrics_port is not None:
+            self.metrics = NodeMetrics(cfg.node_name, self.driver, self.backend, self.server)
+            metrics_ctx = server_context(cfg.server_tls_cert_file, cfg.server_tls_key_file,
+                                         cfg.server_tls_ca_file, alpn=("http/1.1",))
+            self.metrics_server = MetricsServer(
+                self.metrics.registry, ssl_context=metrics_ctx, authorizer=authorizer,
+                host=cfg.rpc_host, port=cfg.metrics_port)
+            await self.metrics_server.start()
+            self._undo.append(self.metrics_server.close)
 
     async def _setup_membership(self) -> None:
         cfg = self.config

@@ -29,7 +29,7 @@ _KEYS = (
     "peer_tls_ca_file", "gossip_key_file", "snapshot_threshold", "snapshot_log_bytes",
     "raft_retain_bytes", "raft_log_memory_bytes", "segment_bytes", "retention_bytes",
     "retention_ms", "log_level",
-    "peer_dial_overrides", "insecure_gossip", "commit_announce_ms",
+    "peer_dial_overrides", "insecure_gossip", "commit_announce_ms", "metrics_port",
 )
 _REQUIRED_FILES = (
     "acl_model_file", "acl_policy_file", "server_tls_cert_file", "server_tls_key_file",
@@ -96,6 +96,11 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
                         f"not {raw!r}")
         return value
 
+    metrics_port = count("metrics_port", 0)
+    if metrics_port > 65535:
+        raise _fail(f"--metrics-port must be a TCP port (1-65535), or 0 for none, "
+                    f"not {metrics_port}")
+
     def addrs(key: str) -> list[str]:
         raw = merged.get(key) or []
         items = raw.split(",") if isinstance(raw, str) else [str(a) for a in raw]
@@ -130,6 +135,7 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         retention_seconds=count("retention_ms", 0) / 1000,
         log_level=str(merged.get("log_level", "INFO")),
         commit_announce_seconds=announce_ms / 1000,
+        metrics_port=metrics_port or None,
     )
 
 
@@ -231,6 +237,11 @@ def agent(
         "While writes are steady, hold a commit's notice to followers up to this long for "
         "the next write to carry: less CPU per write, but readers on followers see records "
         "that much later. 0 (the default): at once.")] = None,
+    metrics_port: Annotated[int | None, _opt(
+        "metrics_port",
+        "Serve Prometheus metrics at https://HOST:PORT/metrics (HOST: --bind-addr's), with the "
+        "server certificate; scrapers need a client certificate the ACL grants 'metrics' or "
+        "'admin'. 0 (the default): no endpoint.")] = None,
     log_level: Annotated[str | None, _opt("log_level", "DEBUG, INFO, WARNING...")] = None,
     peer_dial_overrides: Annotated[list[str] | None, typer.Option(
         "--peer-dial-override", envvar="DCL_PEER_DIAL_OVERRIDES",
@@ -249,6 +260,9 @@ def agent(
             raise _fail(str(exc)) from None
         raise
 
+
+#: `dcl dev`: each node's metrics port is its RPC port plus this (8500-8502 by default).
+METRICS_PORT_OFFSET = 100
 
 #: Printed by `dcl dev`: the client commands default to its first node and root certificate.
 _DEV_EXAMPLES = (
@@ -286,6 +300,7 @@ def dev(
             "--peer-tls-cert-file", str(pki.peer_cert), "--peer-tls-key-file", str(pki.peer_key),
             "--peer-tls-ca-file", str(pki.ca_cert), "--log-level", "WARNING",
             "--gossip-key-file", str(pki.gossip_key),
+            "--metrics-port", str(port + METRICS_PORT_OFFSET),
         ]
         args += (["--bootstrap"] if i == 0
                  else ["--start-join-addrs", f"127.0.0.1:{ports[0] + 1000}"])
@@ -294,6 +309,8 @@ def dev(
         procs.append(subprocess.Popen(args, start_new_session=True))
     typer.echo(f"DCL Store dev cluster: {', '.join(f'127.0.0.1:{p}' for p in ports)}")
     typer.echo(f"certificates in {pki_dir}; client identity root-client.pem (CN root)")
+    typer.echo(f"Prometheus metrics: https://127.0.0.1:{ports[0] + METRICS_PORT_OFFSET}/metrics "
+               f"(and the next two ports), root certificate")
     typer.echo("Try, in another shell in this directory (dcl on PATH: . .venv/bin/activate):")
     for example in _DEV_EXAMPLES:
         typer.echo(f"  {example}")

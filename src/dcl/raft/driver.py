@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, Protocol
 
 from dcl.batching import runs_within
 from dcl.errors import CommitTimeout, CorruptRecord, NotLeader, Unavailable
+from dcl.metrics import Histogram
 from dcl.raft.core import RaftNode
 from dcl.raft.storage import RaftStorage
 from dcl.raft.types import (
@@ -204,6 +206,13 @@ class RaftDriver:
         #: otherwise, or with `async_fsync=False`, in the default executor.
         self._want_aio = async_fsync
         self._aio: AioFsync | None = None
+        #: For the metrics endpoint: from a group commit's start to its entries being durable
+        #: (a leader's includes the AIO completion's wake-up), and snapshot counts.
+        self.fsync_seconds = Histogram(
+            "dcl_raft_fsync_duration_seconds",
+            "Time to fsync one group commit of Raft entries (a leader: until its loop sees it).")
+        self.snapshots_taken = 0
+        self.snapshots_installed = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -515,6 +524,7 @@ class RaftDriver:
         if rd.hard_state is not None:
             self._storage.set_hard_state(rd.hard_state)
         if rd.entries:
+            started = time.perf_counter()
             if (
                 self.core.role is not Role.LEADER
                 and not self.snapshot_in_progress
@@ -523,6 +533,7 @@ class RaftDriver:
                 self._storage.sync()
             else:
                 await self._persisting(self._start_sync(loop))
+            self.fsync_seconds.observe(time.perf_counter() - started)
         if not rd.send_before_persist and rd.messages:
             self._transport.send(rd.messages)
         if rd.snapshot is not None:
@@ -540,6 +551,7 @@ class RaftDriver:
                 await asyncio.sleep(0)
                 self._answer_heartbeats()
             await self._persisting(loop.run_in_executor(None, self._fsm.checkpoint))
+            self.snapshots_installed += 1
             self.on_applied()  # readers waiting at the tail: the log grew
         answered = await self._apply_in_steps(rd.committed_entries)
         if rd.send_before_persist and not send_early and rd.messages:
@@ -689,6 +701,7 @@ class RaftDriver:
         work.result()  # a failed write stops the driver, as any storage failure does
         self._storage.adopt_snapshot(snap)
         self._hold_saved_snapshot()
+        self.snapshots_taken += 1
         log.info("snapshot node=%s index=%d bytes=%d", self.node_id, snap.meta.index,
                  len(snap.data))
 

@@ -31,6 +31,8 @@ class Action(enum.StrEnum):
     CONSUME = "consume"
     PEER = "peer"
     ADMIN = "admin"
+    #: Scrape the metrics endpoint (dcl.server.metrics_http); ADMIN may too.
+    METRICS = "metrics"
 
 
 class Authorizer:

@@ -185,6 +185,9 @@ class LogFsm:
         #: The lowest offset retention last cut the commit log to, written before the cut.
         self._floor_path = directory / "fsm.retained"
         self.retention = retention or Retention()
+        #: Cuts made and bytes they dropped since the process started (metrics).
+        self.retention_cuts = 0
+        self.retention_dropped_bytes = 0
         #: Snapshot builds and restores in progress (weakly held: one dropped unstarted
         #: pins nothing), each with the lowest offset it needs; retention cuts below all.
         self._pins: weakref.WeakKeyDictionary[Generator[Any, None, None], int] = (
@@ -447,6 +450,8 @@ class LogFsm:
             return 0
         _write_sealed_json(self._floor_path, {"lowest_offset": cut})
         self.log.truncate_before(cut)
+        self.retention_cuts += 1
+        self.retention_dropped_bytes += dropped
         log.info("retention dropped segments path=%s lowest_offset=%d bytes=%d took_ms=%.1f",
                  self.log.directory, cut, dropped, (time.perf_counter() - started) * 1000)
         return dropped

@@ -13,12 +13,13 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import grpclib.server
 from google.protobuf.message import DecodeError
-from grpclib.const import Status
+from grpclib.const import Cardinality, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -28,9 +29,10 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
 from dcl.errors import Unavailable
+from dcl.metrics import Counter, Histogram, HistogramChild
 from dcl.server.acl import Action, Authorizer
 from dcl.server.backend import Backend
-from dcl.server.errors import send_error
+from dcl.server.errors import grpc_status, send_error
 from dcl.server.framing import CorkedTransport
 from dcl.server.services import BatchService, Limits, LogService
 from dcl.tls import peer_common_name
@@ -189,9 +191,19 @@ class DclServer:
         self._calls: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._guarded: dict[str, IServerMethodFunc] = {}
+        self.calls_total = Counter(
+            "dcl_rpc_calls_total", "RPC calls finished, by method and gRPC status code.",
+            ("method", "code"))
+        self.call_seconds = Histogram(
+            "dcl_rpc_duration_seconds",
+            "Time from a unary call's arrival to its answer, by method (streams: see the count).",
+            ("method",))
         for handler in handlers:
             for method, spec in handler.__mapping__().items():
-                self._guarded[method] = self._guard(spec.func, _action_for(method, actions))
+                timer = (self.call_seconds.labels(method)
+                         if spec.cardinality is Cardinality.UNARY_UNARY else None)
+                self._guarded[method] = self._guard(
+                    spec.func, _action_for(method, actions), method, timer)
         self._ssl_context = ssl_context
         self._host = host
         self._requested_port = port
@@ -204,23 +216,34 @@ class DclServer:
     async def _on_request(self, event: RecvRequest) -> None:
         event.method_func = self._guarded[event.method_name]
 
-    def _guard(self, func: IServerMethodFunc, action: ActionRule) -> IServerMethodFunc:
-        """Wrap a handler: authorize once, map errors, end cleanly on shutdown."""
-        authorizer, calls = self._authorizer, self._calls
+    def _guard(self, func: IServerMethodFunc, action: ActionRule, method: str,
+               timer: HistogramChild | None) -> IServerMethodFunc:
+        """Wrap a handler: authorize once, map errors, end cleanly on shutdown; count the
+        call by its status and time it if unary (`timer`: a histogram child, or None)."""
+        authorizer, calls, counted = self._authorizer, self._calls, self.calls_total
+        clock = time.perf_counter
 
         async def guarded(stream: Stream[Any, Any]) -> None:
             task = asyncio.current_task()
             assert task is not None  # grpclib runs every call in its own task
             calls.add(task)
+            started = clock()
+            code = "OK"
             try:
                 if action is not None:
                     authorizer.authorize(peer_common_name(stream), action)
                 await func(stream)
-            except (GRPCError, StreamTerminatedError):
-                raise  # already a status, or the client is gone: grpclib handles both
+            except GRPCError as exc:
+                code = exc.status.name
+                raise  # already a status: grpclib sends it
+            except StreamTerminatedError:
+                code = "CANCELLED"
+                raise  # the client is gone
             except asyncio.CancelledError:
+                code = "CANCELLED"
                 if not self._closing:
                     raise  # client cancel or deadline: grpclib answers for it
+                code = "UNAVAILABLE"
                 # Our own shutdown: tell the client so it can fail over, instead of hanging.
                 if not await send_error(stream, Unavailable("server is shutting down")):
                     # The client reset the stream meanwhile (grpclib cancelled us for it):
@@ -228,9 +251,13 @@ class DclServer:
                     # cancellation" ERROR with a traceback.
                     raise
             except Exception as exc:
+                code = grpc_status(exc)[0].name
                 await send_error(stream, exc)
             finally:
                 calls.discard(task)
+                counted.inc((method, code))
+                if timer is not None:
+                    timer.observe(clock() - started)
 
         return guarded
 

@@ -94,7 +94,7 @@ def test_retention_is_off_unless_given_and_passed_on_in_bytes_and_seconds(
 
 @pytest.mark.parametrize("key", ["raft_log_memory_bytes", "snapshot_log_bytes",
                                  "raft_retain_bytes", "segment_bytes", "snapshot_threshold",
-                                 "retention_bytes", "retention_ms"])
+                                 "retention_bytes", "retention_ms", "metrics_port"])
 @pytest.mark.parametrize("value", [-1, "lots", 1.5])
 def test_a_bad_size_is_refused_in_one_line(
     pki: PkiFiles, key: str, value: object, capsys: pytest.CaptureFixture[str]
@@ -116,3 +116,18 @@ def test_a_zero_segment_size_is_refused_in_one_line(
     with pytest.raises(typer.Exit):
         build_config({**files(pki), "segment_bytes": 0}, None)
     assert "--segment-bytes must be a whole number, 1 or more, not 0" in capsys.readouterr().err
+
+
+def test_the_metrics_endpoint_is_off_unless_a_port_is_given(
+    pki: PkiFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert build_config(files(pki), None).metrics_port is None
+    assert build_config({**files(pki), "metrics_port": 0}, None).metrics_port is None
+    yml = tmp_path / "node.yaml"
+    yml.write_text("metrics-port: 9100\n")
+    assert build_config(files(pki), yml).metrics_port == 9100
+    assert build_config({**files(pki), "metrics_port": "9200"}, yml).metrics_port == 9200
+    with pytest.raises(typer.Exit):
+        build_config({**files(pki), "metrics_port": 70000}, None)
+    assert "--metrics-port must be a TCP port (1-65535), or 0 for none, not 70000" in (
+        capsys.readouterr().err)

@@ -1,0 +1,93 @@
+"""What a node's metrics endpoint shows: one Registry over the parts the agent wired.
+
+The names follow what operators of etcd and Kafka already chart: Raft term, role, indexes
+and each follower's lag (Kafka's under-replication), fsync latency (etcd's
+``wal_fsync_duration_seconds``), calls by method and status, the commit log's offsets and
+size, and the standard ``process_*`` metrics. State that lives in the parts is read at scrape
+time; only events (calls, fsyncs, retention cuts) are counted as they happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import dcl
+from dcl.metrics import Family, Registry, gauge, process_families
+from dcl.raft.driver import RaftDriver
+from dcl.raft.types import Role
+from dcl.server.replicated import ReplicatedBackend
+from dcl.server.server import DclServer
+
+__all__ = ["NodeMetrics"]
+
+
+class NodeMetrics:
+    """The registry of one node."""
+
+    def __init__(self, node_name: str, driver: RaftDriver, backend: ReplicatedBackend,
+                 server: DclServer):
+        self._node_name = node_name
+        self._driver = driver
+        self._backend = backend
+        self._server = server
+        self.registry = Registry()
+        for source in (self._node_families, server.calls_total, server.call_seconds,
+                       driver.fsync_seconds, process_families):
+            self.registry.register(source)
+
+    def _node_families(self) -> Iterator[Family]:
+        driver, backend = self._driver, self._backend
+        st = driver.core.status()
+        yield gauge("dcl_node_info", "This node's name and version (always 1).", 1,
+                    node=self._node_name, version=dcl.__version__)
+        yield gauge("dcl_raft_term", "Current Raft term.", st.term)
+        yield Family("dcl_raft_role", "gauge", "1 for this node's current Raft role.",
+                     ("role",), [("", (r.value,), int(st.role is r)) for r in Role])
+        yield gauge("dcl_raft_leader_known",
+                    "1 while this node is a member that knows a leader (health SERVING).",
+                    int(backend.has_leader))
+        yield gauge("dcl_raft_voters", "Voters in the configuration.", len(st.voters))
+        yield gauge("dcl_raft_learners", "Learners in the configuration.", len(st.learners))
+        yield gauge("dcl_raft_first_index", "First entry of the Raft log held.", st.first_index)
+        yield gauge("dcl_raft_last_index", "Last entry of the Raft log.", st.last_index)
+        yield gauge("dcl_raft_commit_index", "Highest entry known committed.", st.commit_index)
+        yield gauge("dcl_raft_applied_index", "Highest entry applied to the commit log.",
+                    st.applied_index)
+        yield gauge("dcl_raft_log_memory_bytes", "Raft log bytes held in memory.",
+                    driver.core.log_bytes)
+        peers = sorted((p, pr) for p, pr in st.progress.items() if p != st.id)
+        if st.role is Role.LEADER:
+            yield Family("dcl_raft_peer_match_index", "gauge",
+                         "Leader only: highest entry each peer is known to hold.", ("peer",),
+                         [("", (p,), pr.match) for p, pr in peers])
+            yield Family("dcl_raft_peer_lag_entries", "gauge",
+                         "Leader only: entries each peer is behind the leader's log.",
+                         ("peer",), [("", (p,), max(st.last_index - pr.match, 0))
+                                     for p, pr in peers])
+        yield _counter("dcl_raft_snapshots_taken_total",
+                       "Snapshots this node built and stored since it started.",
+                       driver.snapshots_taken)
+        yield _counter("dcl_raft_snapshots_installed_total",
+                       "Snapshots from a leader this node restored since it started.",
+                       driver.snapshots_installed)
+        fsm = backend.fsm
+        yield _counter("dcl_log_retention_cuts_total",
+                       "Retention passes that dropped segments since the node started.",
+                       fsm.retention_cuts)
+        yield _counter("dcl_log_retention_dropped_bytes_total",
+                       "Commit log bytes retention dropped since the node started.",
+                       fsm.retention_dropped_bytes)
+        spans = fsm.log.segment_spans()
+        yield gauge("dcl_log_first_offset", "First offset the commit log holds.",
+                    backend.lowest_offset)
+        yield gauge("dcl_log_next_offset", "Offset the next record will get.",
+                    backend.next_offset)
+        yield gauge("dcl_log_bytes", "Bytes of the commit log's store files.",
+                    sum(size for _, _, size in spans))
+        yield gauge("dcl_log_segments", "Segments of the commit log.", len(spans))
+        yield gauge("dcl_rpc_active_calls", "Calls inside a handler (open streams included).",
+                    self._server.active_calls)
+
+
+def _counter(name: str, help_text: str, value: float) -> Family:
+    return Family(name, "counter", help_text, (), [("", (), value)])

@@ -1,0 +1,165 @@
+"""The metrics endpoint: ``GET /metrics`` over HTTP/1.1 with mutual TLS, for Prometheus.
+
+Its own port (as NATS' monitoring port and etcd's ``--listen-metrics-urls``): Prometheus
+scrapes HTTP/1.1, and the RPC port speaks only HTTP/2. The TLS rules are the RPC port's: a
+client certificate signed by the cluster CA, or no handshake at all; and the certificate's CN
+needs the ACL action ``metrics`` (or ``admin``). Prometheus presents one with its scrape
+config's ``tls_config`` (``cert_file``, ``key_file``, ``ca_file``).
+
+One request per connection, answered and closed: a scrape every few seconds gains nothing
+from keep-alive, and a connection that does not send a whole request head within
+`READ_TIMEOUT_SECONDS` (or sends more than `MAX_HEAD_BYTES`) is answered with an error and
+closed, so no client can hold the endpoint's memory or sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from dcl.errors import PermissionDenied
+from dcl.metrics import CONTENT_TYPE, Registry
+from dcl.server.acl import Action, Authorizer
+from dcl.tls import common_name
+
+__all__ = ["MAX_HEAD_BYTES", "READ_TIMEOUT_SECONDS", "MetricsServer"]
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 8192
+READ_TIMEOUT_SECONDS = 5.0
+#: Who may scrape: the dedicated right, or an administrator.
+SCRAPE_ACTIONS = (Action.METRICS, Action.ADMIN)
+
+
+class MetricsServer:
+    """Serves `registry.render()` at /metrics on host:port (port 0: a free one)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        ssl_context: ssl.SSLContext,
+        authorizer: Authorizer,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        read_timeout: float = READ_TIMEOUT_SECONDS,
+    ):
+        self._registry = registry
+        self._ssl_context = ssl_context
+        self._authorizer = authorizer
+        self._host = host
+        self._requested_port = port
+        self._read_timeout = read_timeout
+        self._server: asyncio.Server | None = None
+        self._port: int | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self._host, self._requested_port))
+            sock.listen(64)
+            sock.setblocking(False)
+            self._server = await asyncio.start_server(
+                self._connection, sock=sock, ssl=self._ssl_context, limit=MAX_HEAD_BYTES,
+                ssl_handshake_timeout=self._read_timeout,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self._port = int(sock.getsockname()[1])
+        log.info("metrics endpoint listening addr=%s", self.address)
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("metrics server not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{host}:{self.port}"
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections))
+        await self._server.wait_closed()
+        self._server = None
+        self._port = None
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            answer = await self._answer(reader, writer)
+            lines = [f"HTTP/1.1 {answer.status.value} {answer.status.phrase}",
+                     f"Content-Type: {answer.content_type}",
+                     f"Content-Length: {len(answer.body)}", "Connection: close",
+                     *answer.extra_headers]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+            if not answer.head_only:
+                writer.write(answer.body)
+            await writer.drain()
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass  # the client went away, or broke TLS: nothing to answer
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.CancelledError):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> _Answer:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._read_timeout)
+        except TimeoutError:
+            return _error(HTTPStatus.REQUEST_TIMEOUT, "no complete request head in time")
+        except asyncio.LimitOverrunError:
+            return _error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                          f"request head over {MAX_HEAD_BYTES} bytes")
+        request_line = head.split(b"\r\n", 1)[0]
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            return _error(HTTPStatus.BAD_REQUEST, "malformed request line")
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            return _error(HTTPStatus.METHOD_NOT_ALLOWED, "use GET", ("Allow: GET, HEAD",))
+        if target != b"/metrics":
+            return _error(HTTPStatus.NOT_FOUND, "metrics are at /metrics")
+        subject = common_name(writer.get_extra_info("peercert"))
+        try:
+            self._authorizer.authorize(subject, SCRAPE_ACTIONS)
+        except PermissionDenied as exc:
+            return _error(HTTPStatus.FORBIDDEN, f"permission denied: {exc}")
+        return _Answer(HTTPStatus.OK, self._registry.render(), CONTENT_TYPE,
+                       head_only=method == b"HEAD")
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: HTTPStatus
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    extra_headers: tuple[str, ...] = ()
+    #: HEAD: the headers GET would send (Content-Length included), without the body.
+    head_only: bool = False
+
+
+def _error(status: HTTPStatus, message: str, extra_headers: tuple[str, ...] = ()) -> _Answer:
+    return _Answer(status, f"{message}\n".encode(), extra_headers=extra_headers)
