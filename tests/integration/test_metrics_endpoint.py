@@ -9,8 +9,9 @@ request) gets anything but an error, or stops the endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.metrics import Registry, gauge
 from dcl.server.acl import Authorizer
 from dcl.server.certs import PkiFiles, issue_client_certificate
-from dcl.server.metrics_http import MAX_HEAD_BYTES, MetricsServer
+from dcl.server.metrics_http import MAX_CONNECTIONS, MAX_HEAD_BYTES, MetricsServer
 from dcl.tls import client_context, server_context
 from tests.integration.cluster_harness import Cluster, NodeProcess, eventually, node_port
 from tests.integration.test_agent import config, log_stub, produce_when_ready
@@ -193,12 +194,15 @@ async def test_only_certificates_the_acl_lets_scrape_get_metrics(
         await node.shutdown()
 
 
-@pytest.fixture
-async def endpoint(pki: PkiFiles, authorizer: Authorizer) -> AsyncIterator[MetricsServer]:
+@contextlib.asynccontextmanager
+async def serving(pki: PkiFiles, authorizer: Authorizer, read_timeout: float,
+                  samples: int = 1) -> AsyncIterator[MetricsServer]:
+    """A bare endpoint over a registry of `samples` gauges."""
     registry = Registry()
-    registry.register(lambda: [gauge("dcl_test_up", "Up.", 1)])
+    registry.register(lambda: [gauge("dcl_test_up", "Up.", 1)] + [
+        gauge(f"dcl_test_g{i}", "Padding.", i) for i in range(1, samples)])
     server = MetricsServer(
-        registry, authorizer=authorizer, read_timeout=0.5,
+        registry, authorizer=authorizer, read_timeout=read_timeout,
         ssl_context=server_context(pki.server_cert, pki.server_key, pki.ca_cert,
                                    alpn=("http/1.1",)))
     await server.start()
@@ -206,6 +210,12 @@ async def endpoint(pki: PkiFiles, authorizer: Authorizer) -> AsyncIterator[Metri
         yield server
     finally:
         await server.close()
+
+
+@pytest.fixture
+async def endpoint(pki: PkiFiles, authorizer: Authorizer) -> AsyncIterator[MetricsServer]:
+    async with serving(pki, authorizer, read_timeout=0.5) as server:
+        yield server
 
 
 @pytest.mark.parametrize(("raw", "status"), [
@@ -306,3 +316,44 @@ async def test_a_leader_shows_each_followers_lag_and_a_crashed_one_falls_behind(
                     and one(on_leader, "dcl_raft_peer_lag_entries", peer=alive.name) == 0)
 
         await eventually(lagging, timeout=15)
+
+
+async def test_past_the_connection_limit_new_connections_are_closed_unread(
+    pki: PkiFiles, authorizer: Authorizer
+) -> None:
+    root = scraper_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    async with serving(pki, authorizer, read_timeout=30) as server:
+        held = [await asyncio.open_connection("127.0.0.1", server.port, ssl=root,
+                                              server_hostname="127.0.0.1")
+                for _ in range(MAX_CONNECTIONS)]
+        await eventually_true(lambda: server.active_connections == MAX_CONNECTIONS)
+        with pytest.raises((ConnectionError, ssl.SSLError)):
+            await request(server.port, root)
+        for _, writer in held:
+            writer.close()
+        await eventually_true(lambda: server.active_connections == 0)
+        assert (await request(server.port, root)).status == 200
+
+
+async def test_a_client_that_does_not_read_its_answer_is_dropped(
+    pki: PkiFiles, authorizer: Authorizer
+) -> None:
+    root = scraper_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    # About 3 MB of answer: more than the sockets buffer, so the write waits on the client.
+    async with serving(pki, authorizer, read_timeout=1.0, samples=100_000) as server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=root,
+                                                  server_hostname="127.0.0.1")
+        writer.write(SCRAPE)
+        await writer.drain()
+        await eventually_true(lambda: server.active_connections == 1)
+        await eventually_true(lambda: server.active_connections == 0, timeout=10)
+        writer.close()
+        reply = await request(server.port, root)
+        assert reply.status == 200 and reply.body.count(b"\n") == 300_000
+
+
+async def eventually_true(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def check() -> bool:
+        return condition()
+
+    await eventually(check, timeout=timeout)

@@ -7,15 +7,15 @@ needs the ACL action ``metrics`` (or ``admin``). Prometheus presents one with it
 config's ``tls_config`` (``cert_file``, ``key_file``, ``ca_file``).
 
 One request per connection, answered and closed: a scrape every few seconds gains nothing
-from keep-alive, and a connection that does not send a whole request head within
-`READ_TIMEOUT_SECONDS` (or sends more than `MAX_HEAD_BYTES`) is answered with an error and
-closed, so no client can hold the endpoint's memory or sockets.
+from keep-alive. No client can hold the endpoint's memory or sockets: a connection that does
+not send a whole request head within `READ_TIMEOUT_SECONDS` (or sends more than
+`MAX_HEAD_BYTES`) is answered with an error and closed, one that does not read its answer
+within as long is dropped, and past `MAX_CONNECTIONS` at once new ones are closed unread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import ssl
@@ -27,12 +27,14 @@ from dcl.metrics import CONTENT_TYPE, Registry
 from dcl.server.acl import Action, Authorizer
 from dcl.tls import common_name
 
-__all__ = ["MAX_HEAD_BYTES", "READ_TIMEOUT_SECONDS", "MetricsServer"]
+__all__ = ["MAX_CONNECTIONS", "MAX_HEAD_BYTES", "READ_TIMEOUT_SECONDS", "MetricsServer"]
 
 log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 8192
 READ_TIMEOUT_SECONDS = 5.0
+#: Connections served at once; more are closed unread (a scraper needs one at a time).
+MAX_CONNECTIONS = 32
 #: Who may scrape: the dedicated right, or an administrator.
 SCRAPE_ACTIONS = (Action.METRICS, Action.ADMIN)
 
@@ -85,6 +87,10 @@ class MetricsServer:
         return self._port
 
     @property
+    def active_connections(self) -> int:
+        return len(self._connections)
+
+    @property
     def address(self) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"{host}:{self.port}"
@@ -105,7 +111,16 @@ class MetricsServer:
                           writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= MAX_CONNECTIONS:
+            writer.transport.abort()  # a flood: refuse without reading, hold nothing
+            return
         self._connections.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._connections.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             answer = await self._answer(reader, writer)
             lines = [f"HTTP/1.1 {answer.status.value} {answer.status.phrase}",
@@ -115,14 +130,16 @@ class MetricsServer:
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
             if not answer.head_only:
                 writer.write(answer.body)
-            await writer.drain()
-        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
-            pass  # the client went away, or broke TLS: nothing to answer
-        finally:
-            self._connections.discard(task)
+            # A client that does not read its answer must not hold the connection forever.
+            await asyncio.wait_for(writer.drain(), self._read_timeout)
             writer.close()
-            with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.CancelledError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, TimeoutError):
+            writer.transport.abort()  # the client went away, broke TLS or stalled
+        except asyncio.CancelledError:
+            # close(): end quietly. This is the task's outermost work, and Python 3.11's
+            # start_server logs a connection task that ends cancelled as an ERROR.
+            writer.transport.abort()
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> _Answer:
