@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) bench/catchup.py
 	$(PY) bench/loaded.py
 	$(PY) bench/tail.py
+	$(PY) bench/metrics.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

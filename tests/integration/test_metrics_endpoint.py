@@ -21,9 +21,11 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from prometheus_client.parser import text_string_to_metric_families
 
+import dcl
 from dcl.agent.agent import Agent
+from dcl.api.dcl.v1 import admin_grpc, admin_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
-from dcl.metrics import Registry, gauge
+from dcl.metrics import Family, Registry, gauge
 from dcl.server.acl import Authorizer
 from dcl.server.certs import PkiFiles, issue_client_certificate
 from dcl.server.metrics_http import MAX_CONNECTIONS, MAX_HEAD_BYTES, MetricsServer
@@ -145,12 +147,52 @@ async def test_a_scrape_shows_what_the_node_did(agent: Agent, pki: PkiFiles) -> 
     # Every entry was fsynced before it was acknowledged: at least one group commit per write
     # minus what group commit merged, and never none.
     assert one(samples, "dcl_raft_fsync_duration_seconds_count") >= 1
-    assert one(samples, "dcl_node_info", node="solo", version=__import__("dcl").__version__) == 1
+    assert one(samples, "dcl_node_info", node="solo", version=dcl.__version__) == 1
     assert one(samples, "process_resident_memory_bytes") > 0
     # HEAD: the same headers, no body.
     head = await request(port, root, SCRAPE.replace(b"GET", b"HEAD"))
     assert (head.status, head.body) == (200, b"")
     assert int(head.headers["Content-Length"]) > 1000
+
+
+async def test_calls_are_counted_by_the_status_their_client_got(
+    agent: Agent, pki: PkiFiles
+) -> None:
+    """A deadline, a client's cancel and an admin refusal each under its own code."""
+    root = scraper_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    async with log_stub(pki, agent.server.port) as stub:
+        await produce_when_ready(stub, b"first")
+        channel = Channel("127.0.0.1", agent.server.port, ssl=client_context(
+            pki.root_client_cert, pki.root_client_key, pki.ca_cert))
+        try:
+            admin = admin_grpc.AdminStub(channel)
+            # A voter that never catches up: Join waits past the caller's deadline.
+            with pytest.raises(TimeoutError):  # grpclib's client side of DEADLINE_EXCEEDED
+                await admin.Join(admin_pb2.JoinRequest(
+                    id="ghost", rpc_addr="127.0.0.1:1", voter=True), timeout=0.5)
+            # A tail-following stream the client walks away from.
+            async with stub.ConsumeStream.open() as stream:
+                await stream.send_message(log_pb2.ConsumeRequest(offset=0), end=True)
+                assert (await stream.recv_message()) is not None
+                await stream.cancel()
+        finally:
+            channel.close()
+
+    async def counted() -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+        samples = values((await request(metrics_port(agent), root)).body)
+        key = ("dcl_rpc_calls_total", frozenset(
+            {("method", "/log.v1.Log/ConsumeStream"), ("code", "CANCELLED")}))
+        return samples if key in samples else None
+
+    samples = await eventually(counted, timeout=5)
+    assert one(samples, "dcl_rpc_calls_total", method="/dcl.v1.Admin/Join",
+               code="DEADLINE_EXCEEDED") == 1
+    assert one(samples, "dcl_rpc_calls_total", method="/log.v1.Log/ConsumeStream",
+               code="CANCELLED") == 1
+    assert one(samples, "dcl_rpc_duration_seconds_count", method="/dcl.v1.Admin/Join") == 1
+    # Methods never called still show their OK count, so rate() works from the first call.
+    assert one(samples, "dcl_rpc_calls_total", method="/dcl.v1.Batch/ConsumeBatch",
+               code="OK") == 0
 
 
 async def test_only_certificates_the_acl_lets_scrape_get_metrics(
@@ -287,7 +329,8 @@ async def test_a_leader_shows_each_followers_lag_and_a_crashed_one_falls_behind(
 
         async def replicated() -> bool:
             on_leader = await scrape(leader)
-            lags = [one(on_leader, "dcl_raft_peer_lag_entries", peer=f.name) for f in followers]
+            lags = [one(on_leader, "dcl_raft_peer_lag_entries", peer=f.name, voter="true")
+                    for f in followers]
             held = [one(await scrape(f), "dcl_log_next_offset") for f in followers]
             return lags == [0, 0] and held == [end, end]
 
@@ -296,8 +339,10 @@ async def test_a_leader_shows_each_followers_lag_and_a_crashed_one_falls_behind(
         assert one(on_leader, "dcl_raft_role", role="leader") == 1
         assert one(on_leader, "dcl_raft_voters") == 3
         last = one(on_leader, "dcl_raft_last_index")
-        assert [one(on_leader, "dcl_raft_peer_match_index", peer=f.name)
+        assert [one(on_leader, "dcl_raft_peer_match_index", peer=f.name, voter="true")
                 for f in followers] == [last, last]
+        assert [one(on_leader, "dcl_raft_peer_active", peer=f.name, voter="true")
+                for f in followers] == [1, 1]
         for follower in followers:
             on_follower = await scrape(follower)
             assert one(on_follower, "dcl_raft_role", role="follower") == 1
@@ -312,8 +357,12 @@ async def test_a_leader_shows_each_followers_lag_and_a_crashed_one_falls_behind(
 
         async def lagging() -> bool:
             on_leader = await scrape(leader)
-            return (one(on_leader, "dcl_raft_peer_lag_entries", peer=crashed.name) >= 5
-                    and one(on_leader, "dcl_raft_peer_lag_entries", peer=alive.name) == 0)
+            return (one(on_leader, "dcl_raft_peer_lag_entries", peer=crashed.name,
+                        voter="true") >= 5
+                    and one(on_leader, "dcl_raft_peer_active", peer=crashed.name,
+                            voter="true") == 0
+                    and one(on_leader, "dcl_raft_peer_lag_entries", peer=alive.name,
+                            voter="true") == 0)
 
         await eventually(lagging, timeout=15)
 
@@ -321,10 +370,11 @@ async def test_a_leader_shows_each_followers_lag_and_a_crashed_one_falls_behind(
 async def test_past_the_connection_limit_new_connections_are_closed_unread(
     pki: PkiFiles, authorizer: Authorizer
 ) -> None:
+    """Connections count from accept, so clients that never start TLS (no certificate
+    needed) cannot hold more than the limit either."""
     root = scraper_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
     async with serving(pki, authorizer, read_timeout=30) as server:
-        held = [await asyncio.open_connection("127.0.0.1", server.port, ssl=root,
-                                              server_hostname="127.0.0.1")
+        held = [await asyncio.open_connection("127.0.0.1", server.port)
                 for _ in range(MAX_CONNECTIONS)]
         await eventually_true(lambda: server.active_connections == MAX_CONNECTIONS)
         with pytest.raises((ConnectionError, ssl.SSLError)):
@@ -339,17 +389,78 @@ async def test_a_client_that_does_not_read_its_answer_is_dropped(
     pki: PkiFiles, authorizer: Authorizer
 ) -> None:
     root = scraper_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
-    # About 3 MB of answer: more than the sockets buffer, so the write waits on the client.
+    # About 8 MB of answer: far more than the sockets buffer, so the write waits on the client.
     async with serving(pki, authorizer, read_timeout=1.0, samples=100_000) as server:
-        _, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=root,
-                                                  server_hostname="127.0.0.1")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=root,
+                                                       server_hostname="127.0.0.1")
         writer.write(SCRAPE)
         await writer.drain()
         await eventually_true(lambda: server.active_connections == 1)
         await eventually_true(lambda: server.active_connections == 0, timeout=10)
+        received = b""
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+                received += chunk
         writer.close()
+        # Dropped part way: what reached the client is less than the answer.
+        length = int(received.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+        assert len(received.partition(b"\r\n\r\n")[2]) < length
         reply = await request(server.port, root)
         assert reply.status == 200 and reply.body.count(b"\n") == 300_000
+
+
+async def test_a_head_request_for_an_error_gets_no_body(
+    endpoint: MetricsServer, pki: PkiFiles
+) -> None:
+    root = scraper_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    reply = await request(endpoint.port, root, b"HEAD /other HTTP/1.1\r\n\r\n")
+    assert (reply.status, reply.body) == (404, b"")
+    assert int(reply.headers["Content-Length"]) > 0
+
+
+async def test_a_failing_collector_gets_a_500_and_the_next_scrape_works(
+    pki: PkiFiles, authorizer: Authorizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    failures = [RuntimeError("log closed")]
+
+    def flaky() -> list[Family]:
+        if failures:
+            raise failures.pop()
+        return [gauge("dcl_test_flaky", "F.", 1)]
+
+    registry = Registry()
+    registry.register(flaky)
+    server = MetricsServer(registry, authorizer=authorizer, ssl_context=server_context(
+        pki.server_cert, pki.server_key, pki.ca_cert, alpn=("http/1.1",)))
+    await server.start()
+    root = scraper_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    try:
+        assert (await request(server.port, root)).status == 500
+        assert "metrics scrape failed" in caplog.text
+        assert b"dcl_test_flaky 1" in (await request(server.port, root)).body
+    finally:
+        await server.close()
+
+
+async def test_closing_with_connections_in_flight_drops_them_quietly(
+    pki: PkiFiles, authorizer: Authorizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = scraper_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    async with serving(pki, authorizer, read_timeout=30) as server:
+        silent = await asyncio.open_connection("127.0.0.1", server.port)  # no TLS
+        reader, writer = await asyncio.open_connection(  # TLS, half a request
+            "127.0.0.1", server.port, ssl=root, server_hostname="127.0.0.1")
+        writer.write(b"GET /metr")
+        await writer.drain()
+        await eventually_true(lambda: server.active_connections == 2)
+        await asyncio.wait_for(server.close(), 5)
+        assert server.active_connections == 0
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        silent[1].close()
+    await asyncio.sleep(0.1)  # let any late callback log
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
 async def eventually_true(condition: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -55,15 +55,23 @@ class NodeMetrics:
                     st.applied_index)
         yield gauge("dcl_raft_log_memory_bytes", "Raft log bytes held in memory.",
                     driver.core.log_bytes)
-        peers = sorted((p, pr) for p, pr in st.progress.items() if p != st.id)
         if st.role is Role.LEADER:
+            # `voter` lets an under-replication alert leave out learners still catching up.
+            # Right after an election a peer's match reads 0 until its first answer (one
+            # heartbeat), so its lag briefly reads the whole log: alert on a lasting lag.
+            peers = sorted((p, pr) for p, pr in st.progress.items() if p != st.id)
+            labelled = [((p, str(not pr.is_learner).lower()), pr) for p, pr in peers]
             yield Family("dcl_raft_peer_match_index", "gauge",
-                         "Leader only: highest entry each peer is known to hold.", ("peer",),
-                         [("", (p,), pr.match) for p, pr in peers])
+                         "Leader only: highest entry each peer is known to hold.",
+                         ("peer", "voter"), [("", ls, pr.match) for ls, pr in labelled])
             yield Family("dcl_raft_peer_lag_entries", "gauge",
                          "Leader only: entries each peer is behind the leader's log.",
-                         ("peer",), [("", (p,), max(st.last_index - pr.match, 0))
-                                     for p, pr in peers])
+                         ("peer", "voter"),
+                         [("", ls, max(st.last_index - pr.match, 0)) for ls, pr in labelled])
+            yield Family("dcl_raft_peer_active", "gauge",
+                         "Leader only: 1 if the peer answered within the last election "
+                         "timeout.", ("peer", "voter"),
+                         [("", ls, int(pr.heard_recently)) for ls, pr in labelled])
         yield _counter("dcl_raft_snapshots_taken_total",
                        "Snapshots this node built and stored since it started.",
                        driver.snapshots_taken)
@@ -77,14 +85,14 @@ class NodeMetrics:
         yield _counter("dcl_log_retention_dropped_bytes_total",
                        "Commit log bytes retention dropped since the node started.",
                        fsm.retention_dropped_bytes)
-        spans = fsm.log.segment_spans()
+        segments = len(fsm.log.segment_spans())
         yield gauge("dcl_log_first_offset", "First offset the commit log holds.",
                     backend.lowest_offset)
         yield gauge("dcl_log_next_offset", "Offset the next record will get.",
                     backend.next_offset)
         yield gauge("dcl_log_bytes", "Bytes of the commit log's store files.",
-                    sum(size for _, _, size in spans))
-        yield gauge("dcl_log_segments", "Segments of the commit log.", len(spans))
+                    backend.log_bytes)
+        yield gauge("dcl_log_segments", "Segments of the commit log.", segments)
         yield gauge("dcl_rpc_active_calls", "Calls inside a handler (open streams included).",
                     self._server.active_calls)
 

@@ -7,10 +7,11 @@ needs the ACL action ``metrics`` (or ``admin``). Prometheus presents one with it
 config's ``tls_config`` (``cert_file``, ``key_file``, ``ca_file``).
 
 One request per connection, answered and closed: a scrape every few seconds gains nothing
-from keep-alive. No client can hold the endpoint's memory or sockets: a connection that does
-not send a whole request head within `READ_TIMEOUT_SECONDS` (or sends more than
-`MAX_HEAD_BYTES`) is answered with an error and closed, one that does not read its answer
-within as long is dropped, and past `MAX_CONNECTIONS` at once new ones are closed unread.
+from keep-alive. No client can hold more than `MAX_CONNECTIONS` sockets, nor any for long:
+the count starts at accept (TLS is started after it, so half-done handshakes count too) and
+past it new connections are closed unread; a connection must finish its handshake and send a
+whole request head (at most `MAX_HEAD_BYTES`) within `READ_TIMEOUT_SECONDS` each, and read
+its answer within as long, or it is dropped (a late head gets a 408).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import cast
 
 from dcl.errors import PermissionDenied
 from dcl.metrics import CONTENT_TYPE, Registry
@@ -61,6 +63,7 @@ class MetricsServer:
         self._server: asyncio.Server | None = None
         self._port: int | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def start(self) -> None:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
@@ -70,10 +73,10 @@ class MetricsServer:
             sock.bind((self._host, self._requested_port))
             sock.listen(64)
             sock.setblocking(False)
-            self._server = await asyncio.start_server(
-                self._connection, sock=sock, ssl=self._ssl_context, limit=MAX_HEAD_BYTES,
-                ssl_handshake_timeout=self._read_timeout,
-            )
+            # Plain TCP here, TLS per connection (`_serve`): see the module docstring.
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: _ReadAfterTls(asyncio.StreamReader(limit=MAX_HEAD_BYTES),
+                                      self._connection), sock=sock)
         except BaseException:
             sock.close()
             raise
@@ -96,13 +99,15 @@ class MetricsServer:
         return f"{host}:{self.port}"
 
     async def close(self) -> None:
+        """Stop listening and drop every connection, answered or not."""
         if self._server is None:
             return
+        self._closing = True
         self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.wait(list(self._connections))
+        while self._connections:  # again if a cancel was lost (3.11's wait_for can lose one)
+            for task in self._connections:
+                task.cancel()
+            await asyncio.wait(list(self._connections), timeout=1.0)
         await self._server.wait_closed()
         self._server = None
         self._port = None
@@ -111,8 +116,8 @@ class MetricsServer:
                           writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._connections) >= MAX_CONNECTIONS:
-            writer.transport.abort()  # a flood: refuse without reading, hold nothing
+        if self._closing or len(self._connections) >= MAX_CONNECTIONS:
+            writer.transport.abort()  # a flood, or shutting down: refuse unread
             return
         self._connections.add(task)
         try:
@@ -121,7 +126,11 @@ class MetricsServer:
             self._connections.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancel that comes as
+        # the awaited step completes, and close() would wait on the connection for nothing.
         try:
+            async with asyncio.timeout(self._read_timeout):
+                await writer.start_tls(self._ssl_context)
             answer = await self._answer(reader, writer)
             lines = [f"HTTP/1.1 {answer.status.value} {answer.status.phrase}",
                      f"Content-Type: {answer.content_type}",
@@ -131,9 +140,11 @@ class MetricsServer:
             if not answer.head_only:
                 writer.write(answer.body)
             # A client that does not read its answer must not hold the connection forever.
-            await asyncio.wait_for(writer.drain(), self._read_timeout)
+            async with asyncio.timeout(self._read_timeout):
+                await writer.drain()
             writer.close()
-            await asyncio.wait_for(writer.wait_closed(), 1.0)
+            async with asyncio.timeout(1.0):
+                await writer.wait_closed()
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, TimeoutError):
             writer.transport.abort()  # the client went away, broke TLS or stalled
         except asyncio.CancelledError:
@@ -144,7 +155,8 @@ class MetricsServer:
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> _Answer:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self._read_timeout)
+            async with asyncio.timeout(self._read_timeout):
+                head = await reader.readuntil(b"\r\n\r\n")
         except TimeoutError:
             return _error(HTTPStatus.REQUEST_TIMEOUT, "no complete request head in time")
         except asyncio.LimitOverrunError:
@@ -155,17 +167,34 @@ class MetricsServer:
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
             return _error(HTTPStatus.BAD_REQUEST, "malformed request line")
         method, target = parts[0], parts[1].split(b"?", 1)[0]
+        head_only = method == b"HEAD"
         if method not in (b"GET", b"HEAD"):
             return _error(HTTPStatus.METHOD_NOT_ALLOWED, "use GET", ("Allow: GET, HEAD",))
         if target != b"/metrics":
-            return _error(HTTPStatus.NOT_FOUND, "metrics are at /metrics")
+            return _error(HTTPStatus.NOT_FOUND, "metrics are at /metrics", head_only=head_only)
         subject = common_name(writer.get_extra_info("peercert"))
         try:
             self._authorizer.authorize(subject, SCRAPE_ACTIONS)
         except PermissionDenied as exc:
-            return _error(HTTPStatus.FORBIDDEN, f"permission denied: {exc}")
-        return _Answer(HTTPStatus.OK, self._registry.render(), CONTENT_TYPE,
-                       head_only=method == b"HEAD")
+            return _error(HTTPStatus.FORBIDDEN, f"permission denied: {exc}", head_only=head_only)
+        try:
+            text = self._registry.render()
+        except Exception:
+            # A collector failed (e.g. the log closed under a scrape at shutdown): say so,
+            # rather than drop the connection unanswered.
+            log.exception("metrics scrape failed")
+            return _error(HTTPStatus.INTERNAL_SERVER_ERROR, "metrics could not be collected",
+                          head_only=head_only)
+        return _Answer(HTTPStatus.OK, text, CONTENT_TYPE, head_only=head_only)
+
+
+class _ReadAfterTls(asyncio.StreamReaderProtocol):
+    """Reads nothing until `StreamWriter.start_tls` (which resumes reading): the client's
+    handshake bytes, read as plain data before it, would be lost to TLS."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        cast(asyncio.Transport, transport).pause_reading()
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,5 +207,7 @@ class _Answer:
     head_only: bool = False
 
 
-def _error(status: HTTPStatus, message: str, extra_headers: tuple[str, ...] = ()) -> _Answer:
-    return _Answer(status, f"{message}\n".encode(), extra_headers=extra_headers)
+def _error(status: HTTPStatus, message: str, extra_headers: tuple[str, ...] = (),
+           head_only: bool = False) -> _Answer:
+    return _Answer(status, f"{message}\n".encode(), extra_headers=extra_headers,
+                   head_only=head_only)

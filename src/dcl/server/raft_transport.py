@@ -31,7 +31,6 @@ from dcl.errors import DclError, InvalidRequest, NotLeader, Unavailable
 from dcl.raft.driver import RaftDriver
 from dcl.raft.types import ConfChange, ConfChangeType, Message, ProposalDropped, Role
 from dcl.raft.wire import decode_message, encode_message_into, payload_bytes
-from dcl.server.errors import send_error
 from dcl.server.replicated import ReplicatedBackend, encode_address_cmd
 
 __all__ = ["BATCH_BYTES", "AdminService", "GrpcTransport", "RaftService"]
@@ -256,11 +255,7 @@ class AdminService(AdminBase):
     async def Join(self, stream: Stream[admin_pb2.JoinRequest, admin_pb2.JoinResponse]) -> None:
         req = await stream.recv_message()
         assert req is not None
-        try:
-            await self.join(req.id, req.rpc_addr, req.voter)
-        except DclError as exc:
-            await send_error(stream, exc)
-            return
+        await self.join(req.id, req.rpc_addr, req.voter)  # errors: the server's guard maps them
         await stream.send_message(admin_pb2.JoinResponse())
 
     async def Leave(
@@ -268,11 +263,7 @@ class AdminService(AdminBase):
     ) -> None:
         req = await stream.recv_message()
         assert req is not None
-        try:
-            await self.leave(req.id)
-        except DclError as exc:
-            await send_error(stream, exc)
-            return
+        await self.leave(req.id)
         await stream.send_message(admin_pb2.LeaveResponse())
 
     async def Cluster(

@@ -200,6 +200,7 @@ class DclServer:
             ("method",))
         for handler in handlers:
             for method, spec in handler.__mapping__().items():
+                self.calls_total.inc((method, "OK"), 0)  # a rate() from the first call on
                 timer = (self.call_seconds.labels(method)
                          if spec.cardinality is Cardinality.UNARY_UNARY else None)
                 self._guarded[method] = self._guard(
@@ -240,7 +241,11 @@ class DclServer:
                 code = "CANCELLED"
                 raise  # the client is gone
             except asyncio.CancelledError:
-                code = "CANCELLED"
+                # grpclib cancels the handler for a client's cancel and for an expired
+                # deadline alike; the client sees DEADLINE_EXCEEDED for the latter.
+                deadline = stream.deadline
+                code = ("DEADLINE_EXCEEDED" if deadline is not None
+                        and deadline.time_remaining() <= 0 else "CANCELLED")
                 if not self._closing:
                     raise  # client cancel or deadline: grpclib answers for it
                 code = "UNAVAILABLE"
