@@ -26,6 +26,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.v1 import health_grpc, health_pb2
 
+from dcl.addresses import join_host_port
 from dcl.api.dcl.v1 import admin_grpc, admin_pb2, batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.errors import OffsetOutOfRange
@@ -112,14 +113,16 @@ class NodeProcess:
     extra_args: list[str] = field(default_factory=list)
     #: Gossip UDP+TCP port (--bind-addr); kept across restarts like the RPC port.
     gossip_port: int = field(default_factory=node_port)
+    #: Loopback address every socket of the node binds to ("::1": IPv6 only).
+    host: str = "127.0.0.1"
 
     @property
     def gossip_addr(self) -> str:
-        return f"127.0.0.1:{self.gossip_port}"
+        return join_host_port(self.host, self.gossip_port)
 
     @property
     def rpc_addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return join_host_port(self.host, self.port)
 
     @property
     def log_path(self) -> Path:
@@ -198,7 +201,7 @@ class NodeProcess:
         """A fresh channel per call: tests may run calls from more than one event loop."""
         ctx = client_context(self.pki.root_client_cert, self.pki.root_client_key,
                              self.pki.ca_cert)
-        channel = Channel("127.0.0.1", self.port, ssl=ctx)
+        channel = Channel(self.host, self.port, ssl=ctx)
         try:
             yield channel
         finally:
@@ -307,17 +310,21 @@ class Cluster:
     """Three (or `size`) nodes of real processes; use as `async with Cluster(...) as c`."""
 
     def __init__(self, pki: PkiFiles, directory: Path, size: int = 3, *,
-                 snapshot_threshold: int = 100_000, gossip: bool = False) -> None:
+                 snapshot_threshold: int = 100_000, gossip: bool = False,
+                 host: str = "127.0.0.1") -> None:
         """`gossip=True`: nodes find each other through gossip only (no Admin.Join); the
-        Raft leader admits and removes them. Default: the Admin.Join path, gossip idle."""
+        Raft leader admits and removes them. Default: the Admin.Join path, gossip idle.
+        `host`: the loopback address every node binds to and advertises."""
         self.snapshot_threshold = snapshot_threshold
         self.gossip = gossip
         self._directory = directory
         self._pki = pki
-        self.nodes = [
-            NodeProcess(f"node-{i}", node_port(), directory / f"node-{i}", pki)
-            for i in range(size)
-        ]
+        self._host = host
+        self.nodes = [self._node(i) for i in range(size)]
+
+    def _node(self, i: int) -> NodeProcess:
+        return NodeProcess(f"node-{i}", node_port(), self._directory / f"node-{i}", self._pki,
+                           host=self._host)
 
     async def __aenter__(self) -> Cluster:
         try:
@@ -359,8 +366,7 @@ class Cluster:
 
     def add_node(self) -> NodeProcess:
         """A new node (next free name), started and joining like the others."""
-        node = NodeProcess(f"node-{len(self.nodes)}", node_port(),
-                           self._directory / f"node-{len(self.nodes)}", self._pki)
+        node = self._node(len(self.nodes))
         self.nodes.append(node)
         self.start(node)
         return node

@@ -18,6 +18,7 @@ from pathlib import Path
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from dcl.addresses import join_host_port, split_host_port
 from dcl.agent.membership import RPC_ADDR_TAG, MembershipReconciler
 from dcl.agent.metrics import NodeMetrics
 from dcl.api.dcl.v1 import admin_grpc, admin_pb2, raft_pb2
@@ -127,7 +128,7 @@ class AgentConfig:
 
     @property
     def rpc_addr(self) -> str:
-        return f"{self.rpc_host}:{self.rpc_port}"
+        return join_host_port(self.rpc_host, self.rpc_port)
 
 
 class Agent:
@@ -366,8 +367,7 @@ class Agent:
         delay = 0.1
         for attempt in range(600):
             addr = targets[attempt % len(targets)]
-            host, _, port = addr.rpartition(":")
-            channel = Channel(host, int(port), ssl=ctx)
+            channel = Channel(*split_host_port(addr), ssl=ctx)
             try:
                 async with asyncio.timeout(60):
                     async with admin_grpc.AdminStub(channel).Join.open() as stream:

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from dcl.addresses import split_host_port
 from dcl.agent.agent import Agent, AgentConfig
 from dcl.raft.storage import DEFAULT_RETAIN_BYTES
 
@@ -75,7 +76,10 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         raise _fail("gossip needs a shared key: pass --gossip-key-file (dcl certs init writes "
                     "gossip.key), or --insecure-gossip on a trusted network only")
     bind_addr = str(merged.get("bind_addr", "127.0.0.1:8401"))
-    host = bind_addr.rpartition(":")[0] or "127.0.0.1"
+    try:
+        host, _ = split_host_port(bind_addr)
+    except ValueError as exc:
+        raise _fail(f"--bind-addr: {exc}") from None
     try:
         announce_ms = float(merged.get("commit_announce_ms", 0.0))
     except (TypeError, ValueError):
@@ -104,7 +108,13 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
     def addrs(key: str) -> list[str]:
         raw = merged.get(key) or []
         items = raw.split(",") if isinstance(raw, str) else [str(a) for a in raw]
-        return [a.strip() for s in items for a in s.split(",") if a.strip()]
+        found = [a.strip() for s in items for a in s.split(",") if a.strip()]
+        for address in found:
+            try:
+                split_host_port(address)
+            except ValueError as exc:
+                raise _fail(f"--{key.replace('_', '-')}: {exc}") from None
+        return found
 
     return AgentConfig(
         peer_dial_overrides=_dial_overrides(merged.get("peer_dial_overrides")),

@@ -17,9 +17,9 @@ from typing import Annotated, TypeVar
 
 import typer
 
+from dcl.addresses import split_host_port
 from dcl.cli.errors import CliError, user_errors
 from dcl.client import DclClient
-from dcl.client.client import parse_address
 from dcl.tls import client_context
 
 __all__ = ["AddrOpt", "CaFileOpt", "CertFileOpt", "Connection", "KeyFileOpt", "TimeoutOpt"]
@@ -90,7 +90,7 @@ class Connection:
     def _check(self) -> ssl.SSLContext:
         for address in self.addrs:
             try:
-                parse_address(address)
+                split_host_port(address)
             except ValueError:
                 raise CliError(f"not a host:port address: {address!r} (--addr)") from None
         for path, flag, default in (

@@ -58,6 +58,7 @@ from grpclib.client import Channel, UnaryUnaryMethod
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
+from dcl.addresses import split_host_port
 from dcl.api.dcl.v1 import admin_grpc, admin_pb2, batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.client.errors import BatchPartiallyWritten, ProduceOutcomeUnknown, from_status
@@ -186,19 +187,11 @@ class _Peer:
     """One server: its channel and stubs."""
 
     def __init__(self, address: str, ssl_context: ssl.SSLContext):
-        host, port = parse_address(address)
+        host, port = split_host_port(address)
         self.channel = Channel(host, port, ssl=ssl_context)
         self.log = log_grpc.LogStub(self.channel)
         self.batch = batch_grpc.BatchStub(self.channel)
         self.admin = admin_grpc.AdminStub(self.channel)
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``host:port`` (IPv6 hosts in brackets) as (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"not a host:port address: {address!r}")
-    return host.strip("[]"), int(port)
 
 
 class DclClient:
@@ -223,7 +216,7 @@ class DclClient:
         if not seeds:
             raise ValueError("at least one seed address is required")
         for seed in seeds:
-            parse_address(seed)
+            split_host_port(seed)
         self._seeds = list(seeds)
         self._ssl = tls if isinstance(tls, ssl.SSLContext) else client_context(*tls)
         self._timeout = timeout
@@ -428,7 +421,9 @@ class DclClient:
             try:
                 try:
                     async with call:
-                        await asyncio.wait_for(call.send_request(), self._timeout)
+                        # Not wait_for: on 3.11 it can lose a cancel that races the send.
+                        async with asyncio.timeout(self._timeout):
+                            await call.send_request()
                         await call.send_message(
                             batch_pb2.ConsumeBatchRequest(
                                 offset=next_offset, max_records=max_records, max_bytes=max_bytes
@@ -530,7 +525,7 @@ class DclClient:
         if not hint or hint == failure.address:
             return False
         try:
-            parse_address(hint)
+            split_host_port(hint)
         except ValueError:
             log.warning("ignoring malformed leader hint %r from %s", hint, failure.address)
             return False

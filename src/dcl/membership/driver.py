@@ -26,6 +26,7 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from dcl.addresses import split_host_port
 from dcl.membership import wire
 from dcl.membership.crypto import AAD_TCP, AAD_UDP, PacketSealer
 from dcl.membership.errors import (
@@ -90,10 +91,10 @@ class GossipStats:
 def parse_addr(addr: str | Addr) -> Addr:
     if isinstance(addr, tuple):
         return addr
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise GossipConfigError(f"address must be host:port, got {addr!r}")
-    return (host.strip("[]"), int(port))
+    try:
+        return split_host_port(addr)
+    except ValueError as exc:
+        raise GossipConfigError(str(exc)) from None
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):

@@ -32,7 +32,7 @@ __all__ = [
     "issue_client_certificate",
 ]
 
-DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
+DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
 MODEL_CONF = """\
 [request_definition]
@@ -143,7 +143,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _san(hosts: Iterable[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
-    for host in dict.fromkeys(hosts):
+    for host in dict.fromkeys(h.removeprefix("[").removesuffix("]") for h in hosts):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import cast
 
+from dcl.addresses import join_host_port
 from dcl.errors import PermissionDenied
 from dcl.metrics import CONTENT_TYPE, Registry
 from dcl.server.acl import Action, Authorizer
@@ -95,8 +96,7 @@ class MetricsServer:
 
     @property
     def address(self) -> str:
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"{host}:{self.port}"
+        return join_host_port(self._host, self.port)
 
     async def close(self) -> None:
         """Stop listening and drop every connection, answered or not."""

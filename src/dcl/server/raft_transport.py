@@ -24,6 +24,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
+from dcl.addresses import split_host_port
 from dcl.api.dcl.v1 import admin_pb2, raft_grpc, raft_pb2
 from dcl.api.dcl.v1.admin_grpc import AdminBase
 from dcl.batching import runs_within
@@ -46,11 +47,6 @@ _REFUSALS = frozenset({Status.PERMISSION_DENIED, Status.UNAUTHENTICATED,
 #: dcl.server.server.PEER_MESSAGE_HEADROOM_BYTES more than a client message, which covers
 #: this plus one entry built from the largest client request.
 BATCH_BYTES = 1 << 20
-
-
-def _split_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class _Peer:
@@ -76,7 +72,7 @@ class _Peer:
                 self.ready.clear()
                 await self.ready.wait()
                 continue
-            host, port = _split_addr(addr)
+            host, port = split_host_port(addr)
             channel = Channel(host, port, ssl=self._transport.ssl_context)
             try:
                 stub = raft_grpc.RaftStub(channel)

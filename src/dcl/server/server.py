@@ -28,6 +28,7 @@ from grpclib.health.service import OVERALL, Health
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
+from dcl.addresses import join_host_port
 from dcl.errors import Unavailable
 from dcl.metrics import Counter, Histogram, HistogramChild
 from dcl.server.acl import Action, Authorizer
@@ -298,8 +299,7 @@ class DclServer:
     @property
     def address(self) -> str:
         """``host:port`` as clients should dial it (IPv6 hosts in brackets)."""
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"{host}:{self.port}"
+        return join_host_port(self._host, self.port)
 
     async def close(self) -> None:
         """End running calls with UNAVAILABLE (tail-following streams included), stop serving.

@@ -131,3 +131,31 @@ def test_the_metrics_endpoint_is_off_unless_a_port_is_given(
         build_config({**files(pki), "metrics_port": 70000}, None)
     assert "--metrics-port must be a TCP port (1-65535), or 0 for none, not 70000" in (
         capsys.readouterr().err)
+
+
+def test_an_ipv6_bind_address_binds_without_brackets_and_advertises_with_them(
+    pki: PkiFiles,
+) -> None:
+    """`--bind-addr [::1]:8401` used to keep the brackets in the RPC host, so the RPC
+    server could not bind; the advertised address must keep them, or no client parses it."""
+    config = build_config({**files(pki), "bind_addr": "[::1]:8401", "rpc_port": 8400,
+                           "join_rpc_addrs": "[::1]:9400,127.0.0.1:9401"}, None)
+    assert (config.rpc_host, config.rpc_addr) == ("::1", "[::1]:8400")
+    assert config.join_rpc_addrs == ["[::1]:9400", "127.0.0.1:9401"]
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("bind_addr", "::1:8401"), ("bind_addr", ":8401"), ("bind_addr", "node-1"),
+    ("join_rpc_addrs", "127.0.0.1"), ("start_join_addrs", ["127.0.0.1:8401", "[::1:8401"]),
+])
+def test_a_malformed_address_is_refused_in_one_line(
+    pki: PkiFiles, key: str, value: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before anything starts (a bad join address used to fail later, in a
+    background task), naming the option and how an IPv6 host is written."""
+    with pytest.raises(typer.Exit):
+        build_config({**files(pki), key: value}, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"error: --{key.replace('_', '-')}: not a host:port address")
+    assert "[::1]:8400" in err

@@ -39,7 +39,7 @@ def sans(cert: x509.Certificate) -> set[str]:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> PkiFiles:
-    return generate_pki(tmp_path_factory.mktemp("pki"), ["node1.internal", "10.1.2.3"])
+    return generate_pki(tmp_path_factory.mktemp("pki"), ["node1.internal", "10.1.2.3", "[fd00::7]"])
 
 
 def test_certificates_carry_their_roles(files: PkiFiles) -> None:
@@ -53,7 +53,8 @@ def test_certificates_carry_their_roles(files: PkiFiles) -> None:
 
 
 def test_server_and_peer_names_include_defaults_and_given_hosts(files: PkiFiles) -> None:
-    expected = {"localhost", "127.0.0.1", "node1.internal", "10.1.2.3"}
+    # IPv6 loopback is a default, and a host given in brackets (as in an address) is an IP.
+    expected = {"localhost", "127.0.0.1", "::1", "node1.internal", "10.1.2.3", "fd00::7"}
     assert sans(load(files.server_cert)) == expected
     assert sans(load(files.peer_cert)) == expected
     ext = load(files.server_cert).extensions.get_extension_for_class(x509.SubjectAlternativeName)
