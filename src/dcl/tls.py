@@ -10,14 +10,22 @@ Shared by dcl.server, dcl.client and dcl.agent, so it depends on neither of them
 
 from __future__ import annotations
 
+import contextlib
+import os
 import ssl
+import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from os import PathLike
+from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = [
     "ANONYMOUS",
+    "CertificateError",
+    "TlsFiles",
+    "certificate_validity",
     "client_context",
     "common_name",
     "peer_common_name",
@@ -69,6 +77,82 @@ def client_context(
     context.load_cert_chain(certfile=cert_file, keyfile=key_file)
     context.load_verify_locations(cafile=ca_file)
     return _harden(context, alpn)
+
+
+class CertificateError(ValueError):
+    """A certificate, key or CA file that cannot serve: unreadable, not PEM, a key that is
+    not the certificate's, or a certificate outside its validity period."""
+
+
+def certificate_validity(cert_pem: bytes) -> tuple[float, float]:
+    """(not before, not after) of the first certificate in PEM data, in Unix seconds."""
+    from cryptography import x509  # here: only nodes read validity, clients never do
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as exc:
+        raise CertificateError(f"not a PEM certificate: {exc}") from None
+    return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A certificate, its key and the trusted CAs, read and checked, to load into contexts."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes
+    not_before: float
+    not_after: float
+
+    @classmethod
+    def read(cls, cert_file: StrPath, key_file: StrPath, ca_file: StrPath, *,
+             now: float | None = None) -> TlsFiles:
+        """Each file read once, then checked on a scratch context: a key that does not
+        match (a file swapped in between), a file half written, or a certificate expired
+        or not yet valid raises CertificateError."""
+        try:
+            cert, key, ca = (Path(p).read_bytes() for p in (cert_file, key_file, ca_file))
+        except OSError as exc:
+            raise CertificateError(str(exc)) from None
+        not_before, not_after = certificate_validity(cert)
+        now = time.time() if now is None else now
+        if not not_before <= now <= not_after:
+            raise CertificateError(f"{cert_file} is valid from {_utc(not_before)} to "
+                                   f"{_utc(not_after)}, not now ({_utc(now)})")
+        files = cls(cert, key, ca, not_before, not_after)
+        try:
+            files.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        except ssl.SSLError as exc:
+            raise CertificateError(f"{cert_file} / {key_file} / {ca_file}: {exc}") from None
+        return files
+
+    def load_into(self, context: ssl.SSLContext) -> None:
+        """Handshakes after this present this certificate and also trust these CAs;
+        connections already open keep what they agreed on. OpenSSL cannot drop trusted CAs
+        from a context: a CA taken out of the file stays trusted until a restart. Only
+        after `read` checked these bytes: OpenSSL drops a live context's certificate when
+        given a key that does not match it."""
+        with contextlib.ExitStack() as stack:
+            # ssl loads only from paths: in-memory files, so the key never touches a disk.
+            cert, key, ca = (stack.enter_context(_memory_file(d))
+                             for d in (self.cert, self.key, self.ca))
+            context.load_cert_chain(certfile=cert, keyfile=key)
+            context.load_verify_locations(cafile=ca)
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    fd = os.memfd_create("dcl-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def common_name(cert: Mapping[str, Any] | None) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,22 +306,33 @@ async def test_plaintext_and_silent_connections_are_closed_and_serving_goes_on(
     assert reply.status == 200
 
 
-async def test_a_leader_shows_each_followers_lag_and_a_crashed_one_falls_behind(
-    pki: PkiFiles, tmp_path: Path
-) -> None:
-    """Three real processes with --metrics-port: what an under-replication alert reads."""
-    cluster = Cluster(pki, tmp_path)
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def serve_metrics(cluster: Cluster, pki: PkiFiles
+                  ) -> Callable[[NodeProcess], Coroutine[None, None, Samples]]:
+    """Give every node of a cluster not yet started a metrics port; returns a scrape of a
+    node (as root), checked to answer 200."""
     ports = {}
     for node in cluster.nodes:
         ports[node.name] = node_port()
         node.extra_args += ["--metrics-port", str(ports[node.name])]
     root = scraper_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
 
-    async def scrape(node: NodeProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    async def scrape(node: NodeProcess) -> Samples:
         reply = await request(ports[node.name], root)
         assert reply.status == 200
         return values(reply.body)
 
+    return scrape
+
+
+async def test_a_leader_shows_each_followers_lag_and_a_crashed_one_falls_behind(
+    pki: PkiFiles, tmp_path: Path
+) -> None:
+    """Three real processes with --metrics-port: what an under-replication alert reads."""
+    cluster = Cluster(pki, tmp_path)
+    scrape = serve_metrics(cluster, pki)
     async with cluster:
         leader = await cluster.wait_for_members(cluster.nodes, timeout=30)
         followers = cluster.others(leader)

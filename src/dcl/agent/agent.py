@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,15 +39,21 @@ from dcl.raft.driver import RaftDriver
 from dcl.raft.storage import DEFAULT_RETAIN_BYTES, RaftStorage
 from dcl.raft.types import Config as RaftConfig
 from dcl.raft.types import Role
-from dcl.server.acl import Action, Authorizer
+from dcl.server.acl import AclError, Action, Authorizer
 from dcl.server.metrics_http import MetricsServer
 from dcl.server.raft_transport import AdminService, GrpcTransport, RaftService
 from dcl.server.replicated import LogFsm, ReplicatedBackend, Retention, encode_address_cmd
 from dcl.server.server import DclServer, build_server
 from dcl.storage import LogConfig
-from dcl.tls import client_context, server_context
+from dcl.tls import (
+    CertificateError,
+    TlsFiles,
+    certificate_validity,
+    client_context,
+    server_context,
+)
 
-__all__ = ["Agent", "AgentConfig"]
+__all__ = ["Agent", "AgentConfig", "ReloadFailed"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,14 @@ _GOSSIP_STATE_NAMES = {
     MemberState.ALIVE: "alive", MemberState.SUSPECT: "suspect",
     MemberState.DEAD: "failed", MemberState.LEFT: "left",
 }
+
+
+class ReloadFailed(Exception):
+    """A reload found a file it cannot use; nothing was changed."""
+
+
+def _utc(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def _cancel(*tasks: asyncio.Task[None]) -> None:
@@ -151,6 +167,14 @@ class Agent:
         self._reconciler: MembershipReconciler | None = None
         self._gossip_tasks: list[asyncio.Task[None]] = []
         self._gossip_left = False
+        # What a reload (SIGHUP) replaces in place: contexts serving with the server
+        # certificate (RPC port, metrics), dialing with the peer certificate, and the ACL.
+        self._server_contexts: list[ssl.SSLContext] = []
+        self._peer_contexts: list[ssl.SSLContext] = []
+        self._authorizer: Authorizer | None = None
+        #: (not before, not after) of the certificates in use, Unix seconds, by use.
+        self.certificate_validity: dict[str, tuple[float, float]] = {}
+        self.reloads = {"ok": 0, "error": 0}
 
     async def start(self) -> None:
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
@@ -167,6 +191,34 @@ class Agent:
                 log.error("agent setup failed at step=%s node=%s", name, self.config.node_name)
                 await self._unwind()
                 raise
+
+    def reload(self) -> None:
+        """Read the certificate and ACL files again and use them from the next connection
+        (certificates) or call (ACL) on, without a restart: what SIGHUP does.
+
+        All or nothing: every file is read and checked before anything changes, so a bad
+        file (a key that does not match, an expired certificate, a policy casbin cannot
+        parse) raises ReloadFailed naming it and the node goes on as it was.
+        """
+        cfg = self.config
+        try:
+            server = TlsFiles.read(cfg.server_tls_cert_file, cfg.server_tls_key_file,
+                                   cfg.server_tls_ca_file)
+            peer = TlsFiles.read(cfg.peer_tls_cert_file, cfg.peer_tls_key_file,
+                                 cfg.peer_tls_ca_file)
+            if self._authorizer is not None:
+                self._authorizer.reload(cfg.acl_model_file, cfg.acl_policy_file)
+        except (CertificateError, AclError) as exc:
+            self.reloads["error"] += 1
+            raise ReloadFailed(str(exc)) from None
+        for files, contexts in ((server, self._server_contexts), (peer, self._peer_contexts)):
+            for context in contexts:
+                files.load_into(context)
+        self.certificate_validity = {"server": (server.not_before, server.not_after),
+                                     "peer": (peer.not_before, peer.not_after)}
+        self.reloads["ok"] += 1
+        log.info("reloaded certificates and ACL: server valid until %s, peer until %s",
+                 _utc(server.not_after), _utc(peer.not_after))
 
     async def shutdown(self) -> None:
         await self._leave_gossip()
@@ -225,6 +277,7 @@ class Agent:
         self.fsm.recover(storage)
         peer_ctx = client_context(cfg.peer_tls_cert_file, cfg.peer_tls_key_file,
                                   cfg.peer_tls_ca_file)
+        self._peer_contexts.append(peer_ctx)
         self._transport = GrpcTransport(peer_ctx, cfg.rpc_addr, self.fsm.addresses.get,
                                         dial_overrides=cfg.peer_dial_overrides)
         self._undo.append(self._transport.close)
@@ -254,7 +307,12 @@ class Agent:
         cfg = self.config
         ctx = server_context(cfg.server_tls_cert_file, cfg.server_tls_key_file,
                              cfg.server_tls_ca_file)
-        authorizer = Authorizer(cfg.acl_model_file, cfg.acl_policy_file)
+        self._server_contexts.append(ctx)
+        self.certificate_validity = {
+            use: certificate_validity(Path(path).read_bytes())
+            for use, path in (("server", cfg.server_tls_cert_file),
+                              ("peer", cfg.peer_tls_cert_file))}
+        authorizer = self._authorizer = Authorizer(cfg.acl_model_file, cfg.acl_policy_file)
         self.admin = AdminService(self.backend, gossip_state=self._gossip_state)
         self.server = build_server(
             self.backend, ssl_context=ctx, authorizer=authorizer, host=cfg.rpc_host,
@@ -266,9 +324,12 @@ class Agent:
         await self.server.start()
         self._undo.append(self.server.close)
         if cfg.metrics_port is not None:
-            self.metrics = NodeMetrics(cfg.node_name, self.driver, self.backend, self.server)
+            self.metrics = NodeMetrics(cfg.node_name, self.driver, self.backend, self.server,
+                                       certificates=lambda: self.certificate_validity,
+                                       reloads=self.reloads)
             metrics_ctx = server_context(cfg.server_tls_cert_file, cfg.server_tls_key_file,
                                          cfg.server_tls_ca_file, alpn=("http/1.1",))
+            self._server_contexts.append(metrics_ctx)
             self.metrics_server = MetricsServer(
                 self.metrics.registry, ssl_context=metrics_ctx, authorizer=authorizer,
                 host=cfg.rpc_host, port=cfg.metrics_port)

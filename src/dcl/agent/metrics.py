@@ -9,7 +9,7 @@ time; only events (calls, fsyncs, retention cuts) are counted as they happen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import dcl
 from dcl.metrics import Family, Registry, gauge, process_families
@@ -25,15 +25,32 @@ class NodeMetrics:
     """The registry of one node."""
 
     def __init__(self, node_name: str, driver: RaftDriver, backend: ReplicatedBackend,
-                 server: DclServer):
+                 server: DclServer, *,
+                 certificates: Callable[[], Mapping[str, tuple[float, float]]] = dict,
+                 reloads: Mapping[str, int] | None = None):
+        """`certificates`: validity (not before, not after) of each certificate in use, by
+        use; `reloads`: reloads (SIGHUP) by result. Both change on a reload."""
         self._node_name = node_name
         self._driver = driver
         self._backend = backend
         self._server = server
+        self._certificates = certificates
+        self._reloads = reloads or {}
         self.registry = Registry()
-        for source in (self._node_families, server.calls_total, server.call_seconds,
-                       driver.fsync_seconds, process_families):
+        for source in (self._node_families, self._config_families, server.calls_total,
+                       server.call_seconds, driver.fsync_seconds, process_families):
             self.registry.register(source)
+
+    def _config_families(self) -> Iterator[Family]:
+        validity = sorted(self._certificates().items())
+        yield Family("dcl_tls_certificate_expiration_timestamp_seconds", "gauge",
+                     "When each certificate the node serves or dials with expires (Unix "
+                     "seconds): alert well before; `dcl certs renew` and SIGHUP replace it.",
+                     ("certificate",), [("", (use,), after) for use, (_, after) in validity])
+        yield Family("dcl_config_reloads_total", "counter",
+                     "Reloads of certificates and ACL (SIGHUP) since start, by result; a "
+                     "failed one changed nothing.", ("result",),
+                     [("", (result,), n) for result, n in sorted(self._reloads.items())])
 
     def _node_families(self) -> Iterator[Family]:
         driver, backend = self._driver, self._backend

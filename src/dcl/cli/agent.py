@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -20,8 +21,10 @@ import typer
 import yaml
 
 from dcl.addresses import split_host_port
-from dcl.agent.agent import Agent, AgentConfig
+from dcl.agent.agent import Agent, AgentConfig, ReloadFailed
 from dcl.raft.storage import DEFAULT_RETAIN_BYTES
+
+log = logging.getLogger("dcl.agent")
 
 _KEYS = (
     "data_dir", "node_name", "bind_addr", "rpc_port", "start_join_addrs", "join_rpc_addrs",
@@ -169,20 +172,34 @@ def _dial_overrides(raw: Any) -> dict[str, str]:
 
 
 async def run_agent(config: AgentConfig) -> None:
-    """Run until SIGTERM/SIGINT; a second signal exits at once."""
+    """Run until SIGTERM/SIGINT; a second signal exits at once. SIGHUP reloads the
+    certificate and ACL files (see Agent.reload)."""
     agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    started = False
 
     def on_signal() -> None:
         if stop.is_set():
             os._exit(130)
         stop.set()
 
-    # Installed before start: a signal during startup still gets the graceful path.
+    def on_reload() -> None:
+        if not started:  # its contexts are not all built yet; they read the files anyway
+            log.warning("SIGHUP ignored: the node is still starting")
+            return
+        try:
+            agent.reload()
+        except ReloadFailed as exc:
+            log.error("reload failed, the node goes on as it was: %s", exc)
+
+    # Installed before start: a signal during startup still gets the graceful path (and
+    # SIGHUP, whose default is to end the process, does not end it).
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     await agent.start()
+    started = True
     typer.echo(f"node {config.node_name} serving on {config.rpc_addr} "
                f"(gossip {config.bind_addr})", err=True)
     stopped, failed = (asyncio.ensure_future(e.wait()) for e in (stop, agent.failed))

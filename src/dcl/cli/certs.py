@@ -7,7 +7,12 @@ from typing import Annotated
 
 import typer
 
-from dcl.server.certs import DEFAULT_HOSTS, generate_pki, issue_client_certificate
+from dcl.server.certs import (
+    DEFAULT_HOSTS,
+    generate_pki,
+    issue_client_certificate,
+    renew_node_certificates,
+)
 
 app = typer.Typer(name="certs", help="Certificates and ACL files.", no_args_is_help=True)
 
@@ -36,6 +41,27 @@ def init(
         raise typer.Exit(code=1) from None
     for path in files.all():
         typer.echo(str(path))
+
+
+@app.command("renew")
+def renew(
+    directory: Annotated[Path, typer.Argument(help="The directory `dcl certs init` wrote.")],
+    hosts: Annotated[
+        list[str] | None,
+        typer.Option("--hosts", help="Further SANs beyond those the current certificate has."),
+    ] = None,
+) -> None:
+    """Replace the server and peer certificates with new ones from the same CA; then send
+    each agent SIGHUP (kill -HUP PID) to serve them without a restart."""
+    names = [h.strip() for value in hosts or [] for h in value.split(",") if h.strip()]
+    try:
+        paths = renew_node_certificates(directory, names)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    for path in paths:
+        typer.echo(str(path))
+    typer.echo("send each agent SIGHUP to load them (kill -HUP PID)", err=True)
 
 
 @app.command("client")

@@ -30,6 +30,7 @@ __all__ = [
     "PkiFiles",
     "generate_pki",
     "issue_client_certificate",
+    "renew_node_certificates",
 ]
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -235,12 +236,18 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, *, secret: bool) -> None:
+    """Replace path atomically: a node reloading its certificates (SIGHUP) while they are
+    renewed reads the old file or the new one, never half of one."""
     # Create with the final mode so a secret is never world-readable, not even briefly.
     mode = 0o600 if secret else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    scratch = path.with_name(f".{path.name}.tmp")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(path, mode)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(scratch, mode)
+    os.replace(scratch, path)
 
 
 def generate_pki(
@@ -284,6 +291,49 @@ def generate_pki(
     return files
 
 
+def renew_node_certificates(
+    directory: str | os.PathLike[str], hosts: Iterable[str] = ()
+) -> list[Path]:
+    """Issue new server and peer certificates and keys, signed by the CA `generate_pki` wrote
+    into directory, in place of the old ones; returns the paths written.
+
+    They name the hosts the server certificate named (so a renewal keeps every address it
+    served), plus ``hosts``. Nodes pick the new files up on SIGHUP, without a restart.
+    """
+    files = PkiFiles(Path(directory))
+    ca_cert, ca_key = _load_ca(files)
+    old = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    try:
+        names = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        kept = [*map(str, names.get_values_for_type(x509.DNSName)),
+                *map(str, names.get_values_for_type(x509.IPAddress))]
+    except x509.ExtensionNotFound:
+        kept = list(DEFAULT_HOSTS)
+    san_hosts = [*kept, *(h.strip() for h in hosts if h.strip())]
+    now = datetime.datetime.now(datetime.UTC)
+    server_auth, client_auth = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+    written: list[Path] = []
+    for cert_path, key_path, cn, usages in (
+        (files.server_cert, files.server_key, "server", [server_auth]),
+        (files.peer_cert, files.peer_key, "peer", [server_auth, client_auth]),
+    ):
+        cert, key = _issue_leaf(ca_cert, ca_key, cn, usages, san_hosts, now)
+        # Key first: a reload between the two renames sees the old certificate with the
+        # new key, which it refuses, rather than loading a mismatched pair.
+        _write(key_path, _key_pem(key), secret=True)
+        _write(cert_path, _cert_pem(cert), secret=False)
+        written += [cert_path, key_path]
+    return written
+
+
+def _load_ca(files: PkiFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{files.ca_key} is not an EC private key written by dcl certs init")
+    return ca_cert, ca_key
+
+
 _COMMON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -308,10 +358,7 @@ def issue_client_certificate(
     if existing and not force:
         names = ", ".join(p.name for p in existing)
         raise FileExistsError(f"refusing to overwrite existing files in {directory}: {names}")
-    ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
-    ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{files.ca_key} is not an EC private key written by dcl certs init")
+    ca_cert, ca_key = _load_ca(files)
     now = datetime.datetime.now(datetime.UTC)
     cert, key = _issue_leaf(
         ca_cert, ca_key, common_name, [ExtendedKeyUsageOID.CLIENT_AUTH], [], now

@@ -1,0 +1,187 @@
+"""What a reload (SIGHUP) reads: renewed certificates into live contexts over real TLS
+sockets, and a new ACL policy; and every bad file refused with nothing changed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from dcl.server.acl import AclError, Authorizer
+from dcl.server.certs import PkiFiles, generate_pki, renew_node_certificates
+from dcl.tls import CertificateError, TlsFiles, client_context, server_context
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> PkiFiles:
+    return generate_pki(tmp_path / "pki", ["node1.internal"])
+
+
+def serial(path: Path) -> int:
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+@contextlib.asynccontextmanager
+async def echo_server(ctx: ssl.SSLContext) -> AsyncIterator[int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while data := await reader.read(100):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=ctx)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def connect(port: int, ctx: ssl.SSLContext
+                  ) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new connection: the serial of the certificate the server showed, and the streams."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                   server_hostname="127.0.0.1")
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number, reader, writer
+
+
+async def roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    writer.write(b"ping")
+    await writer.drain()
+    return await asyncio.wait_for(reader.readexactly(4), 5)
+
+
+async def test_a_renewed_certificate_is_served_to_new_connections_and_old_ones_go_on(
+    pki: PkiFiles,
+) -> None:
+    live = server_context(pki.server_cert, pki.server_key, pki.ca_cert)
+    client = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    old = serial(pki.server_cert)
+    async with echo_server(live) as port:
+        shown, reader, writer = await connect(port, client)
+        assert shown == old
+        written = renew_node_certificates(pki.directory)
+        assert set(written) == {pki.server_cert, pki.server_key, pki.peer_cert, pki.peer_key}
+        new = serial(pki.server_cert)
+        assert new != old
+        # Renewed, not loaded: the files changed, what is served did not.
+        assert (await connect(port, client))[0] == old
+        files = TlsFiles.read(pki.server_cert, pki.server_key, pki.ca_cert)
+        files.load_into(live)
+        shown_after, r2, w2 = await connect(port, client)
+        assert shown_after == new
+        assert await roundtrip(r2, w2) == b"ping"
+        assert await roundtrip(reader, writer) == b"ping"  # opened before: unaffected
+        for w in (writer, w2):
+            w.close()
+
+
+def test_a_renewal_keeps_the_names_and_the_ca_and_adds_hosts(pki: PkiFiles) -> None:
+    def names(path: Path) -> set[str]:
+        ext = x509.load_pem_x509_certificate(path.read_bytes()).extensions
+        san = ext.get_extension_for_class(x509.SubjectAlternativeName).value
+        return {*map(str, san.get_values_for_type(x509.DNSName)),
+                *map(str, san.get_values_for_type(x509.IPAddress))}
+
+    before = names(pki.server_cert)
+    assert "node1.internal" in before
+    renew_node_certificates(pki.directory, ["node2.internal"])
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    for cert in (pki.server_cert, pki.peer_cert):
+        assert names(cert) == before | {"node2.internal"}
+        x509.load_pem_x509_certificate(cert.read_bytes()).verify_directly_issued_by(ca)
+    for key in (pki.server_key, pki.peer_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert not list(pki.directory.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["key of another certificate", "expired", "not yet valid",
+                                    "certificate not PEM", "half a key", "missing CA"])
+def test_files_that_cannot_serve_are_refused_before_any_context_sees_them(
+    pki: PkiFiles, damage: str
+) -> None:
+    cert, key, ca = pki.server_cert, pki.server_key, pki.ca_cert
+    now = None
+    if damage == "key of another certificate":
+        key = pki.peer_key
+    elif damage == "expired":
+        now = TlsFiles.read(cert, key, ca).not_after + 1
+    elif damage == "not yet valid":
+        now = TlsFiles.read(cert, key, ca).not_before - 1
+    elif damage == "certificate not PEM":
+        cert.write_bytes(b"not a certificate\n")
+    elif damage == "half a key":
+        key.write_bytes(key.read_bytes()[:60])
+    else:
+        ca = pki.directory / "missing.pem"
+    with pytest.raises(CertificateError) as refused:
+        TlsFiles.read(cert, key, ca, now=now)
+    assert str(refused.value)  # says what it is, for the log line
+
+
+def test_a_new_policy_takes_effect_and_a_bad_one_changes_nothing(pki: PkiFiles) -> None:
+    acl = Authorizer(pki.acl_model, pki.acl_policy)
+    assert not acl.allowed("nobody", "produce")  # decided, and cached
+    with pki.acl_policy.open("a") as f:
+        f.write("p, nobody, *, produce\n")
+    assert not acl.allowed("nobody", "produce")  # not before the reload
+    acl.reload(pki.acl_model, pki.acl_policy)
+    assert acl.allowed("nobody", "produce")
+    good = pki.acl_policy.read_text()
+    # Casbin itself would take each of these without a word.
+    for typo, says in (("p, nobody, *\n", "takes 3 non-empty fields"),
+                       ("p, nobody, *, consume, now\n", "takes 3 non-empty fields"),
+                       ("p, nobody, , consume\n", "takes 3 non-empty fields"),
+                       ("p nobody * consume\n", "is no policy type"),
+                       ("g, nobody, root\n", "is no policy type")):
+        pki.acl_policy.write_text(good + "# a comment\n\n" + typo)
+        with pytest.raises(AclError, match=f"policy.csv:{good.count(chr(10)) + 3}: .*{says}"):
+            acl.reload(pki.acl_model, pki.acl_policy)
+    with pytest.raises(AclError, match="no such file"):
+        acl.reload(pki.acl_model, pki.directory / "gone.csv")
+    with pytest.raises(AclError):
+        pki.acl_model.write_text("garbage\n")
+        acl.reload(pki.acl_model, pki.acl_policy)
+    assert acl.allowed("nobody", "produce") and acl.allowed("root", "consume")
+    assert not acl.allowed("nobody", "consume")
+
+
+async def test_a_reloaded_peer_context_dials_with_the_renewed_certificate(
+    pki: PkiFiles,
+) -> None:
+    """Raft dials peers with the peer certificate: after a reload, new connections show the
+    renewed one to the server they reach."""
+    shown: list[int] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        shown.append(x509.load_der_x509_certificate(der).serial_number)
+        writer.close()
+
+    server = await asyncio.start_server(
+        record, "127.0.0.1", 0, ssl=server_context(pki.peer_cert, pki.peer_key, pki.ca_cert))
+    port = server.sockets[0].getsockname()[1]
+    dialer = client_context(pki.peer_cert, pki.peer_key, pki.ca_cert)
+    try:
+        for step in ("before", "after"):
+            if step == "after":
+                renew_node_certificates(pki.directory)
+                TlsFiles.read(pki.peer_cert, pki.peer_key, pki.ca_cert).load_into(dialer)
+            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=dialer,
+                                                      server_hostname="127.0.0.1")
+            for _ in range(500):  # the server side's handshake ends on its own schedule
+                if len(shown) == (1 if step == "before" else 2):
+                    break
+                await asyncio.sleep(0.01)
+            writer.close()
+            assert shown[-1] == serial(pki.peer_cert)
+    finally:
+        server.close()
+    assert len(set(shown)) == 2
