@@ -7,25 +7,38 @@ socket is never handed a host with its brackets still on.
 
 from __future__ import annotations
 
+import ipaddress
+
 __all__ = ["join_host_port", "split_host_port"]
 
 
 def split_host_port(address: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` as (host without brackets, port).
 
-    Raises ValueError naming the address when it is not one: no port, a port that is not
-    a number from 0 to 65535, an empty host, or an IPv6 literal without brackets (whose
-    last group would otherwise be taken for the port).
+    An IPv6 literal without brackets (``::1:8400``, as earlier versions advertised it) is
+    still read, port last: it can mean nothing else, since the port is required. Raises
+    ValueError naming the address when it is not one: no port, a port that is not a
+    number from 0 to 65535, an empty host, whitespace, or a stray bracket.
     """
     host, sep, port = address.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host
-    if ("[" in host or "]" in host) or (":" in host and not bracketed):
-        host = ""  # a stray bracket, or an IPv6 literal whose last group looks like a port
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if ("[" in host or "]" in host or any(c.isspace() for c in address)
+            or (":" in host and not bracketed and not _is_ipv6(host))):
+        host = ""
+    if (not sep or not host or not (port.isascii() and port.isdigit())
+            or int(port) > 65535):
         raise ValueError(f"not a host:port address: {address!r} (an IPv6 host goes in "
                          "brackets: [::1]:8400)")
     return host, int(port)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def join_host_port(host: str, port: int) -> str:

@@ -165,3 +165,23 @@ async def test_a_peer_that_moves_is_dialled_at_its_new_address(
     finally:
         await transport.close()
     assert [m.prev_index + 1 for m in inbox.messages if isinstance(m, AppendEntries)] == [1, 2, 3]
+
+
+async def test_a_peer_address_that_does_not_parse_is_retried_not_given_up(
+    pki: PkiFiles, receiver: tuple[DclServer, Inbox]
+) -> None:
+    """A malformed address (Raft state from an older version, a bad gossip tag) used to end
+    the peer's sending task for good: fixed later, the peer still heard nothing."""
+    server, inbox = receiver
+    address = {"n1": "n1.internal:port"}
+    transport = GrpcTransport(
+        client_context(pki.peer_cert, pki.peer_key, pki.ca_cert), "127.0.0.1:1", address.get)
+    try:
+        transport.send([append(1, 10)])
+        await asyncio.sleep(0.3)  # a few failed turns (backoff from 50 ms)
+        assert inbox.messages == []
+        address["n1"] = server.address
+        transport.send([append(1, 10)])
+        await eventually(lambda: len(inbox.messages) >= 1, timeout=10)
+    finally:
+        await transport.close()

@@ -96,9 +96,12 @@ async def test_sighup_loads_renewed_certificates_and_a_new_policy_and_refuses_a_
 
         offset = await eventually(granted, timeout=10, what="nobody may produce")
         for node in cluster.nodes:
+            async def reloaded(node: NodeProcess = node) -> bool:  # its own SIGHUP, in time
+                return one(await scrape(node), "dcl_config_reloads_total", result="ok") == 1
+
+            await eventually(reloaded, timeout=10, what=f"{node.name} reloaded")
             assert await served_serial(node, pki) == new_serial
             samples = await scrape(node)
-            assert one(samples, "dcl_config_reloads_total", result="ok") == 1
             expires = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
             assert one(samples, "dcl_tls_certificate_expiration_timestamp_seconds",
                        certificate="server") == expires.not_valid_after_utc.timestamp()

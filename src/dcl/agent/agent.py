@@ -205,15 +205,24 @@ class Agent:
             server = TlsFiles.read(cfg.server_tls_cert_file, cfg.server_tls_key_file,
                                    cfg.server_tls_ca_file)
             peer = TlsFiles.read(cfg.peer_tls_cert_file, cfg.peer_tls_key_file,
-                                 cfg.peer_tls_ca_file)
-            if self._authorizer is not None:
-                self._authorizer.reload(cfg.acl_model_file, cfg.acl_policy_file)
+                                 cfg.peer_tls_ca_file, client_auth=True)
+            acl = Authorizer(cfg.acl_model_file, cfg.acl_policy_file)
         except (CertificateError, AclError) as exc:
             self.reloads["error"] += 1
             raise ReloadFailed(str(exc)) from None
-        for files, contexts in ((server, self._server_contexts), (peer, self._peer_contexts)):
-            for context in contexts:
-                files.load_into(context)
+        try:
+            # Checked bytes into live contexts: only a lack of memory or descriptors fails
+            # here. The ACL goes last, so such a failure leaves the old policy in place.
+            for files, contexts in ((server, self._server_contexts),
+                                    (peer, self._peer_contexts)):
+                for context in contexts:
+                    files.load_into(context)
+        except (OSError, ssl.SSLError) as exc:
+            self.reloads["error"] += 1
+            raise ReloadFailed(f"loading the checked certificates failed part way (a "
+                               f"restart loads them all): {exc}") from None
+        if self._authorizer is not None:
+            self._authorizer.adopt(acl)
         self.certificate_validity = {"server": (server.not_before, server.not_after),
                                      "peer": (peer.not_before, peer.not_after)}
         self.reloads["ok"] += 1
@@ -424,6 +433,7 @@ class Agent:
     async def _join_loop(self) -> None:
         cfg = self.config
         ctx = client_context(cfg.peer_tls_cert_file, cfg.peer_tls_key_file, cfg.peer_tls_ca_file)
+        self._peer_contexts.append(ctx)
         targets = list(cfg.join_rpc_addrs)
         delay = 0.1
         for attempt in range(600):

@@ -165,7 +165,11 @@ def _dial_overrides(raw: Any) -> dict[str, str]:
         if not item:
             continue
         peer, sep, addr = item.partition("=")
-        if not sep or not peer or ":" not in addr:
+        try:
+            split_host_port(addr.strip())
+        except ValueError:
+            sep = ""
+        if not sep or not peer:
             raise _fail(f"--peer-dial-override wants ID=HOST:PORT, got {item!r}")
         overrides[peer.strip()] = addr.strip()
     return overrides
@@ -177,7 +181,7 @@ async def run_agent(config: AgentConfig) -> None:
     agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    started = False
+    started, reload_asked = False, False
 
     def on_signal() -> None:
         if stop.is_set():
@@ -185,13 +189,17 @@ async def run_agent(config: AgentConfig) -> None:
         stop.set()
 
     def on_reload() -> None:
-        if not started:  # its contexts are not all built yet; they read the files anyway
-            log.warning("SIGHUP ignored: the node is still starting")
+        nonlocal reload_asked
+        if not started:  # not every context is built yet: reload once they are
+            reload_asked = True
             return
         try:
             agent.reload()
         except ReloadFailed as exc:
             log.error("reload failed, the node goes on as it was: %s", exc)
+        except Exception:  # a signal handler must not end the loop; counted nowhere else
+            agent.reloads["error"] += 1
+            log.exception("reload failed")
 
     # Installed before start: a signal during startup still gets the graceful path (and
     # SIGHUP, whose default is to end the process, does not end it).
@@ -200,6 +208,8 @@ async def run_agent(config: AgentConfig) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     await agent.start()
     started = True
+    if reload_asked:
+        on_reload()
     typer.echo(f"node {config.node_name} serving on {config.rpc_addr} "
                f"(gossip {config.bind_addr})", err=True)
     stopped, failed = (asyncio.ensure_future(e.wait()) for e in (stop, agent.failed))

@@ -9,11 +9,13 @@ proving that authorization, not just authentication, is enforced.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,16 +240,25 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def _write(path: Path, data: bytes, *, secret: bool) -> None:
     """Replace path atomically: a node reloading its certificates (SIGHUP) while they are
     renewed reads the old file or the new one, never half of one."""
-    # Create with the final mode so a secret is never world-readable, not even briefly.
-    mode = 0o600 if secret else 0o644
-    scratch = path.with_name(f".{path.name}.tmp")
-    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(scratch, mode)
-    os.replace(scratch, path)
+    # mkstemp: a new file of our own (O_EXCL, mode 0600, so a secret is never readable by
+    # others, not even briefly), never one left behind or a planted symlink.
+    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o600 if secret else 0o644)
+            os.fsync(f.fileno())
+        os.replace(scratch, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def generate_pki(

@@ -72,9 +72,11 @@ class _Peer:
                 self.ready.clear()
                 await self.ready.wait()
                 continue
-            host, port = split_host_port(addr)
-            channel = Channel(host, port, ssl=self._transport.ssl_context)
+            channel: Channel | None = None
             try:
+                # Inside the try: an address that does not parse (from an older version's
+                # Raft state, say) must not end this task, or the peer never hears from us.
+                channel = Channel(*split_host_port(addr), ssl=self._transport.ssl_context)
                 stub = raft_grpc.RaftStub(channel)
                 async with stub.Send.open() as stream:
                     await stream.send_request()
@@ -95,7 +97,8 @@ class _Peer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             finally:
-                channel.close()
+                if channel is not None:
+                    channel.close()
 
     async def _send_until_moved(
         self, stream: ClientStream[raft_pb2.RaftBatch, raft_pb2.RaftSendSummary], addr: str
@@ -218,6 +221,10 @@ class AdminService(AdminBase):
     async def join(self, node_id: str, rpc_addr: str, voter: bool) -> None:
         if not node_id or not rpc_addr:
             raise InvalidRequest("join needs an id and an rpc_addr")
+        try:
+            split_host_port(rpc_addr)
+        except ValueError as exc:
+            raise InvalidRequest(f"join: {exc}") from None
         self._require_leader()
         core = self._driver.core
         if self._backend.fsm.addresses.get(node_id) != rpc_addr:

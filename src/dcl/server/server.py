@@ -70,9 +70,11 @@ SERVICE_ACTIONS: Mapping[str, ActionRule] = {
     "/grpc.health.v1.Health/": AUTHENTICATED,
 }
 
-#: A client's cancel this close to the call's deadline is counted as DEADLINE_EXCEEDED in
-#: dcl_rpc_calls_total: it is the client's own deadline, which ran ahead of ours.
+#: A client's cancel this close to the call's deadline (at most this long, and at most this
+#: share of the call's whole timeout) is counted as DEADLINE_EXCEEDED in dcl_rpc_calls_total:
+#: it is the client's own deadline, which ran ahead of ours.
 DEADLINE_SLACK_SECONDS = 0.25
+DEADLINE_SLACK_SHARE = 0.2
 
 #: Room for protobuf framing around a maximum-size record.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
@@ -252,9 +254,12 @@ class DclServer:
                 # reset often comes just before our deadline (0.5-9 ms seen on a loaded
                 # machine): a cancel that close to the deadline is the deadline.
                 deadline = stream.deadline
-                code = ("DEADLINE_EXCEEDED" if deadline is not None
-                        and deadline.time_remaining() <= DEADLINE_SLACK_SECONDS
-                        else "CANCELLED")
+                code = "CANCELLED"
+                if deadline is not None:
+                    left = deadline.time_remaining()
+                    if left <= min(DEADLINE_SLACK_SECONDS,
+                                   DEADLINE_SLACK_SHARE * (clock() - started + left)):
+                        code = "DEADLINE_EXCEEDED"
                 if not self._closing:
                     raise  # client cancel or deadline: grpclib answers for it
                 code = "UNAVAILABLE"

@@ -43,9 +43,11 @@ def test_the_config_file_may_give_a_mapping(pki: PkiFiles, tmp_path: Path) -> No
     assert build_config(files(pki), None).peer_dial_overrides == {}
 
 
-def test_a_malformed_override_is_refused(pki: PkiFiles) -> None:
+@pytest.mark.parametrize("item", ["node-1:9001", "node-1=127.0.0.1", "node-1=host:port",
+                                  "=127.0.0.1:9001"])
+def test_a_malformed_override_is_refused(pki: PkiFiles, item: str) -> None:
     with pytest.raises(typer.Exit):
-        build_config({**files(pki), "peer_dial_overrides": ["node-1:9001"]}, None)
+        build_config({**files(pki), "peer_dial_overrides": [item]}, None)
 
 
 def test_the_transport_dials_the_override_and_else_the_advertised_address() -> None:
@@ -142,10 +144,13 @@ def test_an_ipv6_bind_address_binds_without_brackets_and_advertises_with_them(
                            "join_rpc_addrs": "[::1]:9400,127.0.0.1:9401"}, None)
     assert (config.rpc_host, config.rpc_addr) == ("::1", "[::1]:8400")
     assert config.join_rpc_addrs == ["[::1]:9400", "127.0.0.1:9401"]
+    # Without brackets, as earlier versions took it: the same node, advertised bracketed.
+    legacy = build_config({**files(pki), "bind_addr": "::1:8401", "rpc_port": 8400}, None)
+    assert (legacy.rpc_host, legacy.rpc_addr) == ("::1", "[::1]:8400")
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("bind_addr", "::1:8401"), ("bind_addr", ":8401"), ("bind_addr", "node-1"),
+    ("bind_addr", "fe80::zz:8401"), ("bind_addr", ":8401"), ("bind_addr", "node-1"),
     ("join_rpc_addrs", "127.0.0.1"), ("start_join_addrs", ["127.0.0.1:8401", "[::1:8401"]),
 ])
 def test_a_malformed_address_is_refused_in_one_line(

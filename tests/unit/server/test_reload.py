@@ -99,17 +99,25 @@ def test_a_renewal_keeps_the_names_and_the_ca_and_adds_hosts(pki: PkiFiles) -> N
         x509.load_pem_x509_certificate(cert.read_bytes()).verify_directly_issued_by(ca)
     for key in (pki.server_key, pki.peer_key):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert not list(pki.directory.glob(".*.tmp"))
+    assert not [f.name for f in pki.directory.iterdir() if f.name.startswith(".")]
 
 
 @pytest.mark.parametrize("damage", ["key of another certificate", "expired", "not yet valid",
-                                    "certificate not PEM", "half a key", "missing CA"])
+                                    "certificate not PEM", "half a key", "missing CA",
+                                    "another CA's certificate", "a server-only certificate "
+                                    "to dial with"])
 def test_files_that_cannot_serve_are_refused_before_any_context_sees_them(
-    pki: PkiFiles, damage: str
+    pki: PkiFiles, damage: str, tmp_path: Path
 ) -> None:
+    """Each would break handshakes with peers after the reload, or the live context."""
     cert, key, ca = pki.server_cert, pki.server_key, pki.ca_cert
-    now = None
-    if damage == "key of another certificate":
+    now, client_auth = None, False
+    if damage == "another CA's certificate":
+        other = generate_pki(tmp_path / "other")
+        cert, key = other.peer_cert, other.peer_key
+    elif damage.startswith("a server-only"):
+        client_auth = True  # as the peer certificate is checked: it also dials
+    elif damage == "key of another certificate":
         key = pki.peer_key
     elif damage == "expired":
         now = TlsFiles.read(cert, key, ca).not_after + 1
@@ -122,8 +130,14 @@ def test_files_that_cannot_serve_are_refused_before_any_context_sees_them(
     else:
         ca = pki.directory / "missing.pem"
     with pytest.raises(CertificateError) as refused:
-        TlsFiles.read(cert, key, ca, now=now)
+        TlsFiles.read(cert, key, ca, now=now, client_auth=client_auth)
     assert str(refused.value)  # says what it is, for the log line
+    # The files as written pass both ways they are used.
+    if damage in ("another CA's certificate", "expired") or damage.startswith("a server"):
+        TlsFiles.read(pki.server_cert, pki.server_key, pki.ca_cert)
+        TlsFiles.read(pki.peer_cert, pki.peer_key, pki.ca_cert, client_auth=True)
+        assert "PRIVATE" not in repr(TlsFiles.read(pki.server_cert, pki.server_key,
+                                                   pki.ca_cert))
 
 
 def test_a_new_policy_takes_effect_and_a_bad_one_changes_nothing(pki: PkiFiles) -> None:
@@ -135,15 +149,30 @@ def test_a_new_policy_takes_effect_and_a_bad_one_changes_nothing(pki: PkiFiles) 
     acl.reload(pki.acl_model, pki.acl_policy)
     assert acl.allowed("nobody", "produce")
     good = pki.acl_policy.read_text()
-    # Casbin itself would take each of these without a word.
+    # Casbin itself would take each of these without a word, and then skip the line, deny
+    # by a name with quotes in it, or fail every decision (so every call).
     for typo, says in (("p, nobody, *\n", "takes 3 non-empty fields"),
                        ("p, nobody, *, consume, now\n", "takes 3 non-empty fields"),
                        ("p, nobody, , consume\n", "takes 3 non-empty fields"),
+                       ('p, "al,ice", *, consume\n', "takes 3 non-empty fields"),
+                       ("p, alice[, *, consume\n", "takes 3 non-empty fields"),
+                       ('p, "alice", *, consume\n', "quotes"),
                        ("p nobody * consume\n", "is no policy type"),
-                       ("g, nobody, root\n", "is no policy type")):
-        pki.acl_policy.write_text(good + "# a comment\n\n" + typo)
+                       ("g, nobody, root\n", "is no policy type"),
+                       (", nobody, *, consume\n", "is no policy type"),
+                       ("p, alice), *, consume\n", "cannot parse")):
+        pki.acl_policy.write_text(good + '# a comment, with "a quote\n\n' + typo)
         with pytest.raises(AclError, match=f"policy.csv:{good.count(chr(10)) + 3}: .*{says}"):
             acl.reload(pki.acl_model, pki.acl_policy)
+    # Old Mac line ends: one line to casbin (which splits on LF only), so one bad rule.
+    pki.acl_policy.write_bytes(b"p, root, *, produce\rp, nobody, *, produce\r")
+    with pytest.raises(AclError, match=r"policy\.csv:1: .*takes 3 non-empty fields"):
+        acl.reload(pki.acl_model, pki.acl_policy)
+    # Brackets hold commas for casbin, so a field may have them; Windows line ends are fine.
+    pki.acl_policy.write_bytes(good.replace("\n", "\r\n").encode()
+                               + b"p, nobody, f(a,b), produce\r\n")
+    Authorizer(pki.acl_model, pki.acl_policy)
+    pki.acl_policy.write_text(good)
     with pytest.raises(AclError, match="no such file"):
         acl.reload(pki.acl_model, pki.directory / "gone.csv")
     with pytest.raises(AclError):
