@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import cast
 
-from dcl.addresses import join_host_port
+from dcl.addresses import join_host_port, tcp_listener
 from dcl.errors import PermissionDenied
 from dcl.metrics import CONTENT_TYPE, Registry
 from dcl.server.acl import Action, Authorizer
@@ -67,13 +66,8 @@ class MetricsServer:
         self._closing = False
 
     async def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock = tcp_listener(self._host, self._requested_port, 64)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self._host, self._requested_port))
-            sock.listen(64)
-            sock.setblocking(False)
             # Plain TCP here, TLS per connection (`_serve`): see the module docstring.
             self._server = await asyncio.get_running_loop().create_server(
                 lambda: _ReadAfterTls(asyncio.StreamReader(limit=MAX_HEAD_BYTES),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Collection, Iterable, Mapping
@@ -28,7 +27,7 @@ from grpclib.health.service import OVERALL, Health
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
-from dcl.addresses import join_host_port
+from dcl.addresses import join_host_port, tcp_listener
 from dcl.errors import Unavailable
 from dcl.metrics import Counter, Histogram, HistogramChild
 from dcl.server.acl import Action, Authorizer
@@ -282,15 +281,8 @@ class DclServer:
 
     async def start(self) -> None:
         # Bind ourselves so the chosen port is known without reaching into grpclib internals.
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        # proto must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on accepted sockets whose
-        # proto says TCP, and without it Nagle + delayed ACK add ~40 ms to every unary call.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock = tcp_listener(self._host, self._requested_port, 128)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self._host, self._requested_port))
-            sock.listen(128)
-            sock.setblocking(False)
             await self.grpc.start(sock=sock, ssl=self._ssl_context)
         except BaseException:
             sock.close()
