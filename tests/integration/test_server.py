@@ -5,17 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
-from grpclib.const import Status
+from grpclib.client import Channel, UnaryUnaryMethod
+from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from dcl.api.dcl.v1 import batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
+from dcl.server.acl import Action, Authorizer
+from dcl.server.certs import PkiFiles
+from dcl.server.local import LocalBackend
+from dcl.server.server import build_server
 from dcl.server.services import Limits
-from tests.integration.conftest import Node, NodeFactory, eventually
+from dcl.tls import client_context, server_context
+from tests.integration.conftest import LOG_CONFIG, Node, NodeFactory, eventually
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -280,3 +288,59 @@ async def test_a_stream_reset_by_the_client_while_the_server_closes_logs_no_erro
             await asyncio.sleep(0.05)
     errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     assert not errors, [r.getMessage() for r in errors]
+
+
+class _Stuck:
+    """A service whose one method does not end when cancelled (until told to): the bug
+    close() must not hang on."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.cancels = 0
+
+    async def call(self, stream: Any) -> None:
+        await stream.recv_message()
+        while not self.release.is_set():
+            try:
+                await asyncio.wait_for(self.release.wait(), 20)
+            except asyncio.CancelledError:
+                self.cancels += 1  # swallowed
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {"/test.Stuck/Call": Handler(self.call, Cardinality.UNARY_UNARY,
+                                            log_pb2.GetServersRequest,
+                                            log_pb2.GetServersResponse)}
+
+
+async def test_close_does_not_hang_on_a_call_that_ignores_its_cancel(
+    pki: PkiFiles, authorizer: Authorizer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stuck = _Stuck()
+    backend = LocalBackend.open(tmp_path / "log", LOG_CONFIG, server_id="n0")
+    server = build_server(
+        backend, ssl_context=server_context(pki.server_cert, pki.server_key, pki.ca_cert),
+        authorizer=authorizer, extra_handlers=[stuck],
+        extra_actions={"/test.Stuck/Call": Action.CONSUME})
+    server.close_timeout = 0.5
+    await server.start()
+    channel = Channel("127.0.0.1", server.port, ssl=client_context(
+        pki.root_client_cert, pki.root_client_key, pki.ca_cert))
+    method = UnaryUnaryMethod(channel, "/test.Stuck/Call", log_pb2.GetServersRequest,
+                              log_pb2.GetServersResponse)
+    call = asyncio.ensure_future(method(log_pb2.GetServersRequest(), timeout=30))
+    try:
+        await eventually(lambda: server.active_calls == 1)
+        started = time.monotonic()
+        with caplog.at_level("WARNING"):
+            await server.close()
+        assert time.monotonic() - started < 5
+        assert stuck.cancels >= 1
+        assert any("calls still running" in r.getMessage() and "/test.Stuck/Call" in
+                   r.getMessage() for r in caplog.records)
+    finally:
+        stuck.release.set()
+        call.cancel()
+        with contextlib.suppress(BaseException):
+            await call
+        channel.close()
+        await backend.close()

@@ -357,8 +357,10 @@ def dev(
         raise KeyboardInterrupt
 
     # SIGTERM stops the cluster like Ctrl-C (the nodes run in their own sessions, so they
-    # would outlive this process); SIGINT explicitly too, in case it was inherited ignored.
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # would outlive this process); SIGINT explicitly too, in case it was inherited ignored;
+    # and SIGHUP, which here means the terminal went away (it used to end this process
+    # alone). To reload a node's certificates and ACL, send SIGHUP to the node itself.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
     try:
         for proc in procs:

@@ -10,6 +10,7 @@ never silently open an unauthenticated door.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -74,6 +75,9 @@ SERVICE_ACTIONS: Mapping[str, ActionRule] = {
 #: it is the client's own deadline, which ran ahead of ours.
 DEADLINE_SLACK_SECONDS = 0.25
 DEADLINE_SLACK_SHARE = 0.2
+
+#: How long DclServer.close waits for the calls it cancelled to end.
+CLOSE_TIMEOUT_SECONDS = 5.0
 
 #: Room for protobuf framing around a maximum-size record.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
@@ -194,7 +198,7 @@ class DclServer:
     ):
         actions = {**METHOD_ACTIONS, **SERVICE_ACTIONS, **(method_actions or {})}
         self._authorizer = authorizer
-        self._calls: set[asyncio.Task[Any]] = set()
+        self._calls: dict[asyncio.Task[Any], str] = {}  # running call -> its method
         self._closing = False
         self._guarded: dict[str, IServerMethodFunc] = {}
         self.calls_total = Counter(
@@ -213,6 +217,8 @@ class DclServer:
                     spec.func, _action_for(method, actions), method, timer)
         self._ssl_context = ssl_context
         self._host = host
+        #: Seconds close() waits for cancelled calls to end.
+        self.close_timeout = CLOSE_TIMEOUT_SECONDS
         self._requested_port = port
         self._port: int | None = None
         self.grpc = _CorkedServer(
@@ -233,7 +239,7 @@ class DclServer:
         async def guarded(stream: Stream[Any, Any]) -> None:
             task = asyncio.current_task()
             assert task is not None  # grpclib runs every call in its own task
-            calls.add(task)
+            calls[task] = method
             started = clock()
             code = "OK"
             try:
@@ -272,7 +278,7 @@ class DclServer:
                 code = grpc_status(exc)[0].name
                 await send_error(stream, exc)
             finally:
-                calls.discard(task)
+                calls.pop(task, None)
                 counted.inc((method, code))
                 if timer is not None:
                     timer.observe(clock() - started)
@@ -311,17 +317,29 @@ class DclServer:
 
         Connections themselves are left for clients to close: grpclib 0.4 exposes no handle
         on them. New calls that race with shutdown are cancelled by grpclib.
+
+        Bounded by `close_timeout`: a handler that does not end when cancelled (a bug, or a
+        library that swallowed the cancel) is logged and left behind, so a node's shutdown
+        cannot hang on it.
         """
         if self._port is None:
             return
         self._closing = True
-        calls = list(self._calls)
+        calls = dict(self._calls)
         for task in calls:
             task.cancel()
-        if calls:
-            await asyncio.wait(calls)
-        self.grpc.close()
-        await self.grpc.wait_closed()
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                if calls:  # first: each answers UNAVAILABLE on its still-open stream
+                    await asyncio.wait(list(calls))
+                self.grpc.close()
+                await self.grpc.wait_closed()
+        except TimeoutError:
+            with contextlib.suppress(RuntimeError):  # closed already, if the wait was grpclib's
+                self.grpc.close()
+            stuck = sorted(method for task, method in calls.items() if not task.done())
+            log.warning("rpc server closed with calls still running %.1f s after they were "
+                        "cancelled: %s", self.close_timeout, ", ".join(stuck) or "(grpclib's)")
         self._port = None
 
     async def __aenter__(self) -> DclServer:
