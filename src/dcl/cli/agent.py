@@ -217,6 +217,13 @@ async def run_agent(config: AgentConfig) -> None:
     stopped.cancel()
     failed.cancel()
     await agent.shutdown()
+    if agent.server is not None and agent.server.left_running:
+        # Everything is closed and flushed, but asyncio.run would wait for those calls
+        # forever: leave without them.
+        log.error("exiting with calls still running: %s", ", ".join(agent.server.left_running))
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(1)
     if agent.failure is not None:
         raise _fail(f"node {config.node_name} stopped: {agent.failure}")
 
@@ -324,50 +331,64 @@ def dev(
     complete = existing.ca_cert.exists() and existing.gossip_key.exists()
     pki = existing if complete else generate_pki(pki_dir)
     ports = [base_port + i for i in range(3)]
-    procs = []
-    for i, port in enumerate(ports):
-        args = [
-            sys.executable, "-m", "dcl.cli.main", "agent",
-            "--node-name", f"node-{i}", "--data-dir", str(directory / f"node-{i}"),
-            "--rpc-port", str(port), "--bind-addr", f"127.0.0.1:{port + 1000}",
-            "--acl-model-file", str(pki.acl_model), "--acl-policy-file", str(pki.acl_policy),
-            "--server-tls-cert-file", str(pki.server_cert),
-            "--server-tls-key-file", str(pki.server_key),
-            "--server-tls-ca-file", str(pki.ca_cert),
-            "--peer-tls-cert-file", str(pki.peer_cert), "--peer-tls-key-file", str(pki.peer_key),
-            "--peer-tls-ca-file", str(pki.ca_cert), "--log-level", "WARNING",
-            "--gossip-key-file", str(pki.gossip_key),
-            "--metrics-port", str(port + METRICS_PORT_OFFSET),
-        ]
-        args += (["--bootstrap"] if i == 0
-                 else ["--start-join-addrs", f"127.0.0.1:{ports[0] + 1000}"])
-        # Own session: Ctrl-C reaches only this process, which then sends each node one
-        # SIGTERM (a second signal would make a node skip its graceful shutdown).
-        procs.append(subprocess.Popen(args, start_new_session=True))
-    typer.echo(f"DCL Store dev cluster: {', '.join(f'127.0.0.1:{p}' for p in ports)}")
-    typer.echo(f"certificates in {pki_dir}; client identity root-client.pem (CN root)")
-    typer.echo(f"Prometheus metrics: https://127.0.0.1:{ports[0] + METRICS_PORT_OFFSET}/metrics "
-               f"(and the next two ports), root certificate")
-    typer.echo("Try, in another shell in this directory (dcl on PATH: . .venv/bin/activate):")
-    for example in _DEV_EXAMPLES:
-        typer.echo(f"  {example}")
-    typer.echo("Ctrl-C stops all nodes.")
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
     # SIGTERM stops the cluster like Ctrl-C (the nodes run in their own sessions, so they
     # would outlive this process); SIGINT explicitly too, in case it was inherited ignored;
     # and SIGHUP, which here means the terminal went away (it used to end this process
     # alone). To reload a node's certificates and ACL, send SIGHUP to the node itself.
+    # Installed before the first node starts, and only noted until then: an interrupt
+    # raised inside Popen could lose a started node.
+    stop = {"asked": False, "waiting": False}
+
+    def interrupt(signum: int, frame: object) -> None:
+        stop["asked"] = True
+        if stop["waiting"]:
+            raise KeyboardInterrupt
+
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        for proc in procs:
-            proc.wait()
+        for i, port in enumerate(ports):
+            args = [
+                sys.executable, "-m", "dcl.cli.main", "agent",
+                "--node-name", f"node-{i}", "--data-dir", str(directory / f"node-{i}"),
+                "--rpc-port", str(port), "--bind-addr", f"127.0.0.1:{port + 1000}",
+                "--acl-model-file", str(pki.acl_model), "--acl-policy-file", str(pki.acl_policy),
+                "--server-tls-cert-file", str(pki.server_cert),
+                "--server-tls-key-file", str(pki.server_key),
+                "--server-tls-ca-file", str(pki.ca_cert),
+                "--peer-tls-cert-file", str(pki.peer_cert),
+                "--peer-tls-key-file", str(pki.peer_key),
+                "--peer-tls-ca-file", str(pki.ca_cert), "--log-level", "WARNING",
+                "--gossip-key-file", str(pki.gossip_key),
+                "--metrics-port", str(port + METRICS_PORT_OFFSET),
+            ]
+            args += (["--bootstrap"] if i == 0
+                     else ["--start-join-addrs", f"127.0.0.1:{ports[0] + 1000}"])
+            # Own session: Ctrl-C reaches only this process, which then sends each node one
+            # SIGTERM (a second signal would make a node skip its graceful shutdown).
+            procs.append(subprocess.Popen(args, start_new_session=True))
+            if stop["asked"]:
+                break
+        typer.echo(f"DCL Store dev cluster: {', '.join(f'127.0.0.1:{p}' for p in ports)}")
+        typer.echo(f"certificates in {pki_dir}; client identity root-client.pem (CN root)")
+        metrics_url = f"https://127.0.0.1:{ports[0] + METRICS_PORT_OFFSET}/metrics"
+        typer.echo(f"Prometheus metrics: {metrics_url} (and the next two ports), "
+                   "root certificate")
+        typer.echo("Try, in another shell in this directory (dcl on PATH: . .venv/bin/activate):")
+        for example in _DEV_EXAMPLES:
+            typer.echo(f"  {example}")
+        typer.echo("Ctrl-C stops all nodes.")
+        stop["waiting"] = True  # first, then the check: a signal in between still counts
+        if not stop["asked"]:
+            for proc in procs:
+                proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
+        # Once: a second signal (a closing terminal sends two) must not cut this short.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)

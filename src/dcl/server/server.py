@@ -10,7 +10,6 @@ never silently open an unauthenticated door.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
@@ -219,6 +218,9 @@ class DclServer:
         self._host = host
         #: Seconds close() waits for cancelled calls to end.
         self.close_timeout = CLOSE_TIMEOUT_SECONDS
+        #: After close(): methods of calls that were still running when it gave up on them
+        #: (a process should then exit without waiting for them: asyncio.run would).
+        self.left_running: list[str] = []
         self._requested_port = port
         self._port: int | None = None
         self.grpc = _CorkedServer(
@@ -319,8 +321,8 @@ class DclServer:
         on them. New calls that race with shutdown are cancelled by grpclib.
 
         Bounded by `close_timeout`: a handler that does not end when cancelled (a bug, or a
-        library that swallowed the cancel) is logged and left behind, so a node's shutdown
-        cannot hang on it.
+        library that swallowed the cancel) is logged, named in `left_running` and left
+        behind, so a node's shutdown cannot hang on it.
         """
         if self._port is None:
             return
@@ -335,11 +337,12 @@ class DclServer:
                 self.grpc.close()
                 await self.grpc.wait_closed()
         except TimeoutError:
-            with contextlib.suppress(RuntimeError):  # closed already, if the wait was grpclib's
-                self.grpc.close()
-            stuck = sorted(method for task, method in calls.items() if not task.done())
+            self.grpc.close()  # again if it was grpclib's wait that ran out: harmless
+            self.left_running = sorted(m for t, m in self._calls.items() if not t.done())
             log.warning("rpc server closed with calls still running %.1f s after they were "
-                        "cancelled: %s", self.close_timeout, ", ".join(stuck) or "(grpclib's)")
+                        "cancelled: %s", self.close_timeout,
+                        ", ".join(self.left_running) or "(grpclib's)")
+            self.left_running = self.left_running or ["(grpclib's)"]
         self._port = None
 
     async def __aenter__(self) -> DclServer:
