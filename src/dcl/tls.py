@@ -28,6 +28,7 @@ __all__ = [
     "certificate_validity",
     "client_context",
     "common_name",
+    "format_utc",
     "peer_common_name",
     "server_context",
 ]
@@ -124,8 +125,9 @@ class TlsFiles:
         not_before, not_after = certificate_validity(cert)
         now = time.time() if now is None else now
         if not not_before <= now <= not_after:
-            raise CertificateError(f"{cert_file} is valid from {_utc(not_before)} to "
-                                   f"{_utc(not_after)}, not now ({_utc(now)})")
+            raise CertificateError(f"{cert_file} is valid from {format_utc(not_before)} "
+                                   f"to {format_utc(not_after)}, not now "
+                                   f"({format_utc(now)})")
         files = cls(cert, key, ca, not_before, not_after)
         try:
             files._trial_handshake(client_auth)
@@ -182,7 +184,8 @@ def _memory_file(data: bytes) -> Iterator[str]:
         os.close(fd)
 
 
-def _utc(seconds: float) -> str:
+def format_utc(seconds: float) -> str:
+    """Unix seconds as an ISO 8601 UTC time, for log lines and errors."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 

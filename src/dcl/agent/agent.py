@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -50,6 +49,7 @@ from dcl.tls import (
     TlsFiles,
     certificate_validity,
     client_context,
+    format_utc,
     server_context,
 )
 
@@ -68,10 +68,6 @@ _GOSSIP_STATE_NAMES = {
 
 class ReloadFailed(Exception):
     """A reload found a file it cannot use; nothing was changed."""
-
-
-def _utc(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def _cancel(*tasks: asyncio.Task[None]) -> None:
@@ -227,7 +223,7 @@ class Agent:
                                      "peer": (peer.not_before, peer.not_after)}
         self.reloads["ok"] += 1
         log.info("reloaded certificates and ACL: server valid until %s, peer until %s",
-                 _utc(server.not_after), _utc(peer.not_after))
+                 format_utc(server.not_after), format_utc(peer.not_after))
 
     async def shutdown(self) -> None:
         await self._leave_gossip()

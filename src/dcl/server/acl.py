@@ -83,10 +83,6 @@ class _Rules:
         rules: list[list[str]] = self.model[ptype[0]][ptype].policy
         return rules
 
-    def count(self) -> int:
-        return sum(len(ast.policy) for section in self.model.values()
-                   for ast in section.values())
-
 
 def _check_policy_lines(enforcer: casbin.Enforcer, policy_file: str | os.PathLike[str]
                         ) -> _Rules:
@@ -105,18 +101,22 @@ def _check_policy_lines(enforcer: casbin.Enforcer, policy_file: str | os.PathLik
     for number, raw in enumerate(lines, 1):
         line = raw.decode(errors="replace").strip()
         where = f"{os.fspath(policy_file)}:{number}"
-        before = rules.count()
+        # Casbin's type is the text before the first comma outside brackets: where that
+        # differs from the text before the first comma, it holds a bracket, so it is no
+        # type of the model either way.
+        ptype = line.split(",")[0].strip()
+        target = rules.policy(ptype) if ptype in fields else []
+        before = len(target)
         try:
             load_policy_line(line, rules)
         except IndexError:  # a closing bracket with none open, or no type before a comma
             raise AclError(f"{where}: casbin cannot parse it: {line!r}") from None
         if not line or line.startswith("#"):
             continue
-        ptype = line.split(",")[0].strip()
-        if rules.count() == before:
+        if len(target) == before:
             raise AclError(f"{where}: {ptype!r} is no policy type of the model "
                            f"({', '.join(sorted(fields))}): {line!r}")
-        values = rules.policy(ptype)[-1]
+        values = target[-1]
         if len(values) != fields[ptype] or not all(values):
             raise AclError(f"{where}: a {ptype!r} line takes {fields[ptype]} non-empty "
                            f"fields, not {line!r}")

@@ -9,13 +9,11 @@ proving that authorization, not just authentication, is enforced.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from dcl.storage.files import replace_atomically
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -239,26 +239,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _write(path: Path, data: bytes, *, secret: bool) -> None:
     """Replace path atomically: a node reloading its certificates (SIGHUP) while they are
-    renewed reads the old file or the new one, never half of one."""
-    # mkstemp: a new file of our own (O_EXCL, mode 0600, so a secret is never readable by
-    # others, not even briefly), never one left behind or a planted symlink.
-    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), 0o600 if secret else 0o644)
-            os.fsync(f.fileno())
-        os.replace(scratch, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(scratch)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    renewed reads the old file or the new one, never half of one; a secret is never
+    readable by others, not even briefly."""
+    replace_atomically(path, [data], mode=0o600 if secret else 0o644)
 
 
 def generate_pki(

@@ -338,11 +338,10 @@ class DclServer:
                 await self.grpc.wait_closed()
         except TimeoutError:
             self.grpc.close()  # again if it was grpclib's wait that ran out: harmless
-            self.left_running = sorted(m for t, m in self._calls.items() if not t.done())
+            self.left_running = (sorted(m for t, m in self._calls.items() if not t.done())
+                                 or ["(grpclib's)"])
             log.warning("rpc server closed with calls still running %.1f s after they were "
-                        "cancelled: %s", self.close_timeout,
-                        ", ".join(self.left_running) or "(grpclib's)")
-            self.left_running = self.left_running or ["(grpclib's)"]
+                        "cancelled: %s", self.close_timeout, ", ".join(self.left_running))
         self._port = None
 
     async def __aenter__(self) -> DclServer:

@@ -91,11 +91,15 @@ def fsync_directory(directory: Path) -> None:
 
 
 def replace_atomically(
-    path: Path, parts: Iterable[bytes | memoryview], *, sync_every: int = 0
+    path: Path, parts: Iterable[bytes | memoryview], *, sync_every: int = 0,
+    mode: int = 0o644,
 ) -> None:
     """Write temp, fsync, rename over `path`, fsync the directory: readers (and a restart
     after a crash) see the old file or the new one, never a mix, and never lose the new one
     once this returns.
+
+    The file gets `mode` (0o600 for a secret) before any byte is written, also when a
+    temporary file left by a crash had another; a symlink planted in its place is refused.
 
     `sync_every` > 0 flushes the data every that many bytes on the way. For large files
     written beside a latency-critical log on the same disk: a small fsync of the log that
@@ -104,10 +108,12 @@ def replace_atomically(
     with steps of 8 / 2 / 1 MiB the worst took 8 / 2 / 1 ms (typical 3 / 0.75 / 0.27 ms
     while the write lasts), and the write itself 0.34 / 0.37 / 0.41 s."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 mode)
     step = sync_every if sync_every > 0 else 1 << 62
     unsynced = 0
     try:
+        os.fchmod(fd, mode)
         for part in parts:
             view = memoryview(part)
             while view:

@@ -214,3 +214,25 @@ async def test_a_reloaded_peer_context_dials_with_the_renewed_certificate(
     finally:
         server.close()
     assert len(set(shown)) == 2
+
+
+def test_a_secret_written_over_a_crash_leftover_gets_its_own_mode_and_no_symlink(
+    tmp_path: Path,
+) -> None:
+    """`dcl certs` writes through replace_atomically: a temporary file a crash left behind
+    (world-readable) must not lend its mode to a key, and one that is a symlink must not
+    redirect it."""
+    from dcl.storage.files import TMP_SUFFIX, replace_atomically
+
+    key = tmp_path / "server-key.pem"
+    leftover = key.with_name(key.name + TMP_SUFFIX)
+    leftover.write_bytes(b"old")
+    leftover.chmod(0o644)
+    replace_atomically(key, [b"secret"], mode=0o600)
+    assert key.read_bytes() == b"secret"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    elsewhere = tmp_path / "elsewhere"
+    leftover.symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        replace_atomically(key, [b"new secret"], mode=0o600)
+    assert not elsewhere.exists() and key.read_bytes() == b"secret"
