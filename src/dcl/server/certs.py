@@ -14,9 +14,10 @@ import ipaddress
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,6 +35,8 @@ __all__ = [
     "issue_client_certificate",
     "renew_node_certificates",
 ]
+
+_T = TypeVar("_T")
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
@@ -296,7 +299,7 @@ def renew_node_certificates(
     """
     files = PkiFiles(Path(directory))
     ca_cert, ca_key = _load_ca(files)
-    old = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    old = _load_pem(files.server_cert, x509.load_pem_x509_certificate)
     try:
         names = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         kept = [*map(str, names.get_values_for_type(x509.DNSName)),
@@ -320,9 +323,19 @@ def renew_node_certificates(
     return written
 
 
+def _load_pem(path: Path, load: Callable[[bytes], _T]) -> _T:
+    """`load` applied to the file, a parse error naming the file (cryptography's does not)."""
+    data = path.read_bytes()
+    try:
+        return load(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not what dcl certs init wrote there ({exc})") from None
+
+
 def _load_ca(files: PkiFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
-    ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+    ca_cert = _load_pem(files.ca_cert, x509.load_pem_x509_certificate)
+    ca_key = _load_pem(files.ca_key,
+                       lambda d: serialization.load_pem_private_key(d, password=None))
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{files.ca_key} is not an EC private key written by dcl certs init")
     return ca_cert, ca_key

@@ -236,3 +236,14 @@ def test_a_secret_written_over_a_crash_leftover_gets_its_own_mode_and_no_symlink
     with pytest.raises(OSError):
         replace_atomically(key, [b"new secret"], mode=0o600)
     assert not elsewhere.exists() and key.read_bytes() == b"secret"
+
+
+@pytest.mark.parametrize("damaged", ["server.pem", "ca.pem", "ca-key.pem"])
+def test_a_renewal_over_damaged_files_names_the_file_and_writes_nothing(
+    pki: PkiFiles, damaged: str
+) -> None:
+    (pki.directory / damaged).write_text("garbage\n")
+    before = {f: f.read_bytes() for f in (pki.server_key, pki.peer_cert, pki.peer_key)}
+    with pytest.raises(ValueError, match=f"{damaged}: not what dcl certs init wrote"):
+        renew_node_certificates(pki.directory)
+    assert {f: f.read_bytes() for f in before} == before
