@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import ssl
 import time
 import weakref
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 __all__ = [
     "ANONYMOUS",
     "CertificateError",
+    "LiveContext",
     "TlsFiles",
     "certificate_validity",
     "client_context",
@@ -43,41 +45,89 @@ ANONYMOUS = "<anonymous>"
 _H2_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
-def _harden(context: ssl.SSLContext, alpn: tuple[str, ...] = ("h2",)) -> ssl.SSLContext:
+def _configure(context: ssl.SSLContext, alpn: tuple[str, ...]) -> None:
+    # Both ends demand and check the other's certificate; a client also checks the name.
+    context.verify_mode = ssl.CERT_REQUIRED
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # No renegotiation (HTTP/2 forbids it anyway): a connection's peer identity is fixed.
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.set_ciphers(_H2_CIPHERS)
     context.set_alpn_protocols(list(alpn))
-    return context
+
+
+class LiveContext(ssl.SSLContext):
+    """A TLS context a reload replaces whole: connections begun after `use` get the
+    context it was given, built from the new files by `renewed`.
+
+    Whole, not loaded into: OpenSSL adds CAs to a context but never drops one, so loading
+    new files into the same context would keep a CA taken out of the CA file trusted until
+    a restart. Connections already open keep the context they began with (each SSLObject
+    holds its own). Every user of a context (asyncio, grpclib) starts a connection through
+    `wrap_bio`, which is where the swap takes effect.
+    """
+
+    _alpn: tuple[str, ...]
+    _current: ssl.SSLContext
+
+    def __new__(cls, protocol: ssl._SSLMethod, alpn: tuple[str, ...] = ("h2",)) -> LiveContext:
+        context = super().__new__(cls, protocol)
+        _configure(context, alpn)
+        context._alpn = alpn
+        context._current = context
+        return context
+
+    def renewed(self, files: TlsFiles) -> ssl.SSLContext:
+        """A fresh context like this one (side, ALPN, hardening) holding only ``files``:
+        their certificate and key, and their CAs as the only ones trusted."""
+        fresh = ssl.SSLContext(self.protocol)
+        _configure(fresh, self._alpn)
+        files.load_into(fresh)
+        return fresh
+
+    def use(self, context: ssl.SSLContext) -> None:
+        """New connections from now on use ``context`` (from `renewed`)."""
+        self._current = context
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        if self._current is self:
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        return self._current.wrap_bio(incoming, outgoing, server_side, server_hostname,
+                                      session)
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = False,
+                    do_handshake_on_connect: bool = True, suppress_ragged_eofs: bool = True,
+                    server_hostname: str | bytes | None = None,
+                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        wrap = (super().wrap_socket if self._current is self else self._current.wrap_socket)
+        return wrap(sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
+                    server_hostname, session)
 
 
 def server_context(
     cert_file: StrPath, key_file: StrPath, ca_file: StrPath, alpn: tuple[str, ...] = ("h2",)
-) -> ssl.SSLContext:
+) -> LiveContext:
     """A server context that only completes handshakes with clients the CA vouches for.
     ``alpn``: HTTP/2 for gRPC; the metrics endpoint speaks HTTP/1.1."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.verify_mode = ssl.CERT_REQUIRED
+    context = LiveContext(ssl.PROTOCOL_TLS_SERVER, alpn)
     context.load_cert_chain(certfile=cert_file, keyfile=key_file)
     context.load_verify_locations(cafile=ca_file)
-    return _harden(context, alpn)
+    return context
 
 
 def client_context(
     cert_file: StrPath, key_file: StrPath, ca_file: StrPath, alpn: tuple[str, ...] = ("h2",)
-) -> ssl.SSLContext:
+) -> LiveContext:
     """A client context presenting our certificate and checking the server's name.
 
     grpclib passes the channel's host as ``server_hostname``, so connect by a name or IP the
     server certificate lists in its SANs (or set ``ssl_target_name_override``).
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = True
-    context.verify_mode = ssl.CERT_REQUIRED
+    context = LiveContext(ssl.PROTOCOL_TLS_CLIENT, alpn)  # checks names by default
     context.load_cert_chain(certfile=cert_file, keyfile=key_file)
     context.load_verify_locations(cafile=ca_file)
-    return _harden(context, alpn)
+    return context
 
 
 class CertificateError(ValueError):
@@ -161,11 +211,8 @@ class TlsFiles:
         raise ValueError("a trial handshake with these files did not finish")
 
     def load_into(self, context: ssl.SSLContext) -> None:
-        """Handshakes after this present this certificate and also trust these CAs;
-        connections already open keep what they agreed on. OpenSSL cannot drop trusted CAs
-        from a context: a CA taken out of the file stays trusted until a restart. Only
-        after `read` checked these bytes: OpenSSL drops a live context's certificate when
-        given a key that does not match it."""
+        """Present this certificate and trust these CAs (besides any already trusted: to
+        trust only these, load into a fresh context, as `LiveContext.renewed` does)."""
         with contextlib.ExitStack() as stack:
             # ssl loads only from paths: in-memory files, so the key never touches a disk.
             cert, key, ca = (stack.enter_context(_memory_file(d))

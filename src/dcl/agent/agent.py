@@ -46,6 +46,7 @@ from dcl.server.server import DclServer, build_server
 from dcl.storage import LogConfig
 from dcl.tls import (
     CertificateError,
+    LiveContext,
     TlsFiles,
     certificate_validity,
     client_context,
@@ -163,10 +164,10 @@ class Agent:
         self._reconciler: MembershipReconciler | None = None
         self._gossip_tasks: list[asyncio.Task[None]] = []
         self._gossip_left = False
-        # What a reload (SIGHUP) replaces in place: contexts serving with the server
-        # certificate (RPC port, metrics), dialing with the peer certificate, and the ACL.
-        self._server_contexts: list[ssl.SSLContext] = []
-        self._peer_contexts: list[ssl.SSLContext] = []
+        # What a reload (SIGHUP) replaces: contexts serving with the server certificate
+        # (RPC port, metrics), dialing with the peer certificate, and the ACL.
+        self._server_contexts: list[LiveContext] = []
+        self._peer_contexts: list[LiveContext] = []
         self._authorizer: Authorizer | None = None
         #: (not before, not after) of the certificates in use, Unix seconds, by use.
         self.certificate_validity: dict[str, tuple[float, float]] = {}
@@ -207,16 +208,18 @@ class Agent:
             self.reloads["error"] += 1
             raise ReloadFailed(str(exc)) from None
         try:
-            # Checked bytes into live contexts: only a lack of memory or descriptors fails
-            # here. The ACL goes last, so such a failure leaves the old policy in place.
-            for files, contexts in ((server, self._server_contexts),
-                                    (peer, self._peer_contexts)):
-                for context in contexts:
-                    files.load_into(context)
+            # Fresh contexts from the checked bytes, all built before any is used: only a
+            # lack of memory or descriptors fails here, and then nothing has changed.
+            fresh = [(live, live.renewed(files))
+                     for files, contexts in ((server, self._server_contexts),
+                                             (peer, self._peer_contexts))
+                     for live in contexts]
         except (OSError, ssl.SSLError) as exc:
             self.reloads["error"] += 1
-            raise ReloadFailed(f"loading the checked certificates failed part way (a "
-                               f"restart loads them all): {exc}") from None
+            raise ReloadFailed(f"building contexts from the checked certificates failed: "
+                               f"{exc}") from None
+        for live, context in fresh:
+            live.use(context)
         if self._authorizer is not None:
             self._authorizer.adopt(acl)
         self.certificate_validity = {"server": (server.not_before, server.not_after),

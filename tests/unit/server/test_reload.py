@@ -1,5 +1,6 @@
-"""What a reload (SIGHUP) reads: renewed certificates into live contexts over real TLS
-sockets, and a new ACL policy; and every bad file refused with nothing changed."""
+"""What a reload (SIGHUP) reads: renewed certificates and a CA file with a CA taken out,
+into live contexts over real TLS sockets, and a new ACL policy; and every bad file refused
+with nothing changed."""
 
 from __future__ import annotations
 
@@ -73,12 +74,52 @@ async def test_a_renewed_certificate_is_served_to_new_connections_and_old_ones_g
         assert new != old
         # Renewed, not loaded: the files changed, what is served did not.
         assert (await connect(port, client))[0] == old
-        files = TlsFiles.read(pki.server_cert, pki.server_key, pki.ca_cert)
-        files.load_into(live)
+        live.use(live.renewed(TlsFiles.read(pki.server_cert, pki.server_key, pki.ca_cert)))
         shown_after, r2, w2 = await connect(port, client)
         assert shown_after == new
         assert await roundtrip(r2, w2) == b"ping"
         assert await roundtrip(reader, writer) == b"ping"  # opened before: unaffected
+        for w in (writer, w2):
+            w.close()
+
+
+async def test_a_ca_taken_out_of_the_ca_file_is_not_trusted_after_a_reload(
+    pki: PkiFiles, tmp_path: Path,
+) -> None:
+    """The last step of a CA rotation (or dropping a compromised CA): once the CA file no
+    longer lists a CA and the node reloads, new connections with certificates it signed are
+    refused, both ways; connections opened before go on until they close."""
+    other = generate_pki(tmp_path / "other", ["node1.internal"])
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.ca_cert.read_bytes() + other.ca_cert.read_bytes())
+    live = server_context(pki.server_cert, pki.server_key, bundle)
+    ours = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+    theirs = client_context(other.root_client_cert, other.root_client_key, pki.ca_cert)
+    dialer = client_context(pki.peer_cert, pki.peer_key, bundle)
+    their_server = server_context(other.peer_cert, other.peer_key, bundle)
+    async with echo_server(live) as port, echo_server(their_server) as their_port:
+        _, reader, writer = await connect(port, theirs)
+        assert await roundtrip(reader, writer) == b"ping"  # both CAs trusted at first
+        _, r0, w0 = await connect(their_port, dialer)
+        assert await roundtrip(r0, w0) == b"ping"
+        w0.close()
+
+        bundle.write_bytes(pki.ca_cert.read_bytes())
+        live.use(live.renewed(TlsFiles.read(pki.server_cert, pki.server_key, bundle)))
+        dialer.use(dialer.renewed(
+            TlsFiles.read(pki.peer_cert, pki.peer_key, bundle, client_auth=True)))
+
+        # TLS 1.3: the client's handshake ends before the server checks its certificate,
+        # so the refusal arrives as an alert on the first read.
+        _, r1, w1 = await connect(port, theirs)
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await roundtrip(r1, w1)
+        w1.close()
+        with pytest.raises(ssl.SSLCertVerificationError):  # our dials refuse their server
+            await connect(their_port, dialer)
+        _, r2, w2 = await connect(port, ours)
+        assert await roundtrip(r2, w2) == b"ping"
+        assert await roundtrip(reader, writer) == b"ping"  # opened before: goes on
         for w in (writer, w2):
             w.close()
 
@@ -202,7 +243,8 @@ async def test_a_reloaded_peer_context_dials_with_the_renewed_certificate(
         for step in ("before", "after"):
             if step == "after":
                 renew_node_certificates(pki.directory)
-                TlsFiles.read(pki.peer_cert, pki.peer_key, pki.ca_cert).load_into(dialer)
+                dialer.use(dialer.renewed(
+                    TlsFiles.read(pki.peer_cert, pki.peer_key, pki.ca_cert, client_auth=True)))
             _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=dialer,
                                                       server_hostname="127.0.0.1")
             for _ in range(500):  # the server side's handshake ends on its own schedule
