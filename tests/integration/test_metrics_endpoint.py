@@ -317,9 +317,10 @@ def serve_metrics(cluster: Cluster, pki: PkiFiles
     for node in cluster.nodes:
         ports[node.name] = node_port()
         node.extra_args += ["--metrics-port", str(ports[node.name])]
-    root = scraper_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
 
     async def scrape(node: NodeProcess) -> Samples:
+        # The files as they are now: a test may rotate them under a running cluster.
+        root = scraper_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
         reply = await request(ports[node.name], root)
         assert reply.status == 200
         return values(reply.body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,8 @@ import typer
 
 from dcl.server.certs import (
     DEFAULT_HOSTS,
+    begin_ca_rotation,
+    finish_ca_rotation,
     generate_pki,
     issue_client_certificate,
     renew_node_certificates,
@@ -81,3 +84,37 @@ def client(
     for path in paths:
         typer.echo(str(path))
     typer.echo(f"grant rights with lines like 'p, {name}, *, produce' in policy.csv", err=True)
+
+
+class RotationStep(enum.StrEnum):
+    BEGIN = "begin"
+    FINISH = "finish"
+
+
+_NEXT_STEP = {
+    RotationStep.BEGIN: (
+        "next: SIGHUP every node (kill -HUP PID) and give clients the new ca.pem, which "
+        "trusts both CAs; then `dcl certs renew DIR` and `dcl certs client DIR NAME --force` "
+        "for each client, SIGHUP every node; then `dcl certs rotate-ca finish DIR`"),
+    RotationStep.FINISH: (
+        "next: SIGHUP every node; from then on certificates the old CA signed are refused"),
+}
+
+
+@app.command("rotate-ca")
+def rotate_ca(
+    step: Annotated[RotationStep, typer.Argument(
+        help="begin: add a new CA beside the old one and sign with it from now on; "
+             "finish: take the old CA out once every certificate is from the new one.")],
+    directory: Annotated[Path, typer.Argument(help="The directory `dcl certs init` wrote.")],
+) -> None:
+    """Replace the cluster CA without a restart or a moment when nodes refuse each other."""
+    rotate = begin_ca_rotation if step is RotationStep.BEGIN else finish_ca_rotation
+    try:
+        paths = rotate(directory)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    for path in paths:
+        typer.echo(str(path))
+    typer.echo(_NEXT_STEP[step], err=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -31,6 +32,8 @@ __all__ = [
     "MODEL_CONF",
     "POLICY_CSV",
     "PkiFiles",
+    "begin_ca_rotation",
+    "finish_ca_rotation",
     "generate_pki",
     "issue_client_certificate",
     "renew_node_certificates",
@@ -161,9 +164,10 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _issue_ca(now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _issue_ca(now: datetime.datetime, common_name: str = "DCL Store CA"
+              ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
-    name = _name("DCL Store CA")
+    name = _name(common_name)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
@@ -333,12 +337,72 @@ def _load_pem(path: Path, load: Callable[[bytes], _T]) -> _T:
 
 
 def _load_ca(files: PkiFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    ca_cert = _load_pem(files.ca_cert, x509.load_pem_x509_certificate)
+    """The CA that signs: ca-key.pem and, of the CAs ca.pem lists (two during a rotation),
+    the one whose public key is that key's."""
+    ca_certs = _load_pem(files.ca_cert, x509.load_pem_x509_certificates)
     ca_key = _load_pem(files.ca_key,
                        lambda d: serialization.load_pem_private_key(d, password=None))
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{files.ca_key} is not an EC private key written by dcl certs init")
-    return ca_cert, ca_key
+    for ca_cert in ca_certs:
+        if ca_cert.public_key() == ca_key.public_key():
+            return ca_cert, ca_key
+    raise ValueError(f"{files.ca_key} is the key of no CA that {files.ca_cert} lists")
+
+
+def begin_ca_rotation(directory: str | os.PathLike[str]) -> list[Path]:
+    """First step of replacing the cluster CA (before it expires, or when its key may have
+    leaked); returns the paths written.
+
+    A new CA: ca.pem lists the old CA and the new one, so whatever reads it (after SIGHUP,
+    for nodes) trusts certificates from either while they are replaced, and ca-key.pem is
+    the new CA's key, so `renew_node_certificates` and `issue_client_certificate` sign with
+    it from now on. `finish_ca_rotation` takes the old CA out. One rotation at a time.
+    """
+    files = PkiFiles(Path(directory))
+    _load_ca(files)  # the files are what dcl certs wrote, before anything is replaced
+    old = _load_pem(files.ca_cert, x509.load_pem_x509_certificates)
+    if len(old) > 1:
+        raise ValueError(f"{files.ca_cert} lists {len(old)} CAs: a rotation is under way; "
+                         "finish it first (dcl certs rotate-ca finish)")
+    now = datetime.datetime.now(datetime.UTC)
+    ca_cert, ca_key = _issue_ca(now, f"DCL Store CA {now:%Y-%m-%dT%H:%M:%SZ}")
+    # The list first: if the key is never written (a crash), the old CA still signs and
+    # `finish_ca_rotation` drops the new, unused one.
+    _write(files.ca_cert, b"".join(_cert_pem(c) for c in (*old, ca_cert)), secret=False)
+    _write(files.ca_key, _key_pem(ca_key), secret=True)
+    return [files.ca_cert, files.ca_key]
+
+
+def finish_ca_rotation(directory: str | os.PathLike[str]) -> list[Path]:
+    """Last step of a CA rotation: ca.pem lists only the CA that signs now; returns the
+    paths written. After SIGHUP, nodes refuse new connections with certificates the old CA
+    signed.
+
+    Refuses while the server, peer or a ``*-client.pem`` certificate in directory is not
+    signed by the new CA: nodes would refuse the first two at the reload (and go on as
+    they were), and such a client would be shut out.
+    """
+    files = PkiFiles(Path(directory))
+    ca_cert, _ = _load_ca(files)
+    listed = _load_pem(files.ca_cert, x509.load_pem_x509_certificates)
+    if len(listed) == 1:
+        raise ValueError(f"{files.ca_cert} lists one CA: no rotation is under way "
+                         "(dcl certs rotate-ca begin starts one)")
+    stale = []
+    for path in [files.server_cert, files.peer_cert,
+                 *sorted(files.directory.glob("*-client.pem"))]:
+        cert = _load_pem(path, x509.load_pem_x509_certificate)
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature):
+            stale.append(path.name)
+    if stale:
+        raise ValueError(f"still signed by the old CA: {', '.join(stale)}; issue them anew "
+                         "(dcl certs renew; dcl certs client DIR NAME --force), SIGHUP "
+                         "every node, then finish")
+    _write(files.ca_cert, _cert_pem(ca_cert), secret=False)
+    return [files.ca_cert]
 
 
 _COMMON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -118,3 +118,53 @@ def test_cli_client_issues_a_client_only_certificate_chained_to_the_ca(tmp_path:
     assert bad.exit_code == 1 and "invalid client name" in bad.output
     missing = runner.invoke(app, ["certs", "client", str(tmp_path / "nowhere"), "bob"])
     assert missing.exit_code == 1 and "error:" in missing.output
+
+
+def test_cli_rotate_ca_trusts_both_while_certificates_are_reissued_then_only_the_new(
+    tmp_path: Path,
+) -> None:
+    runner = CliRunner()
+    target = tmp_path / "certs"
+    pki = generate_pki(target)
+    old_ca = load(pki.ca_cert)
+
+    def listed() -> list[x509.Certificate]:
+        return x509.load_pem_x509_certificates(pki.ca_cert.read_bytes())
+
+    not_yet = runner.invoke(app, ["certs", "rotate-ca", "finish", str(target)])
+    assert not_yet.exit_code == 1 and "no rotation is under way" in not_yet.output
+    begun = runner.invoke(app, ["certs", "rotate-ca", "begin", str(target)])
+    assert begun.exit_code == 0, begun.output
+    assert "SIGHUP every node" in begun.output
+    first, new_ca = listed()
+    assert first == old_ca and new_ca.subject != old_ca.subject
+    assert stat.S_IMODE(pki.ca_key.stat().st_mode) == 0o600
+    again = runner.invoke(app, ["certs", "rotate-ca", "begin", str(target)])
+    assert again.exit_code == 1 and "a rotation is under way" in again.output
+
+    # Certificates still from the old CA: finishing would lock them out.
+    early = runner.invoke(app, ["certs", "rotate-ca", "finish", str(target)])
+    assert early.exit_code == 1
+    for name in ("server.pem", "peer.pem", "root-client.pem", "nobody-client.pem"):
+        assert name in early.output
+    assert listed() == [old_ca, new_ca]  # nothing written
+
+    assert runner.invoke(app, ["certs", "renew", str(target)]).exit_code == 0
+    for name in ("root", "nobody", "alice"):
+        assert runner.invoke(app, ["certs", "client", str(target), name,
+                                   "--force"]).exit_code == 0
+    for path in (pki.server_cert, pki.peer_cert, pki.root_client_cert,
+                 target / "alice-client.pem"):
+        load(path).verify_directly_issued_by(new_ca)  # the new CA signs from `begin` on
+    done = runner.invoke(app, ["certs", "rotate-ca", "finish", str(target)])
+    assert done.exit_code == 0, done.output
+    assert listed() == [new_ca]
+
+
+def test_a_ca_key_of_no_listed_ca_is_refused_before_signing(tmp_path: Path) -> None:
+    pki = generate_pki(tmp_path / "a")
+    other = generate_pki(tmp_path / "b")
+    pki.ca_key.write_bytes(other.ca_key.read_bytes())
+    result = CliRunner().invoke(app, ["certs", "client", str(pki.directory), "carol"])
+    assert result.exit_code == 1 and "is the key of no CA" in result.output
+    assert not (pki.directory / "carol-client.pem").exists()
