@@ -1,9 +1,12 @@
-"""SIGHUP on real `dcl agent` processes: certificates renewed with `dcl certs renew` and a
-new ACL policy take effect without a restart, and a bad file changes nothing.
+"""SIGHUP on real `dcl agent` processes: certificates renewed with `dcl certs renew`, a
+new ACL policy, a new CA (`dcl certs rotate-ca`) and a new gossip key (`dcl certs
+gossip-key`) take effect without a restart, and a bad file changes nothing.
 
-What an operator rotating certificates before they expire, or granting a new client,
-checks: new connections see the new certificate, the new client gets in, the cluster
-keeps replicating throughout, a broken file is reported (log line, metric) and ignored.
+What an operator rotating certificates before they expire, replacing a CA or a gossip key,
+or granting a new client, checks: new connections see the new certificate, the new client
+gets in, the old CA's certificates and the old gossip key are shut out at the end, the
+cluster keeps replicating throughout, a broken file is reported (log line, metric) and
+ignored.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import signal
 import ssl
 import subprocess
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 import pytest
@@ -23,11 +27,16 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from dcl.agent.agent import Agent, ReloadFailed
 from dcl.api.log.v1 import log_grpc, log_pb2
+from dcl.membership import GossipConfig, JoinFailed, Membership, key_fingerprint, load_keyring
 from dcl.server.certs import PkiFiles, generate_pki
 from dcl.tls import client_context
 from tests.integration.cluster_harness import Cluster, NodeProcess, eventually
-from tests.integration.test_metrics_endpoint import one, serve_metrics
+from tests.integration.test_agent import config
+from tests.integration.test_metrics_endpoint import Samples, one, serve_metrics
+
+Scrape = Callable[[NodeProcess], Coroutine[None, None, Samples]]
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,6 +104,19 @@ async def accepts(node: NodeProcess, cert: Path, key: Path, ca: Path) -> bool:
     finally:
         with contextlib.suppress(ssl.SSLError, ConnectionError):
             writer.close()
+
+
+async def reload_every_node(cluster: Cluster, scrape: Scrape, count: int) -> None:
+    """SIGHUP every node; returns once each has counted ``count`` good reloads, and none
+    failed."""
+    hang_up(cluster.nodes)
+    for node in cluster.nodes:
+        async def reloaded(node: NodeProcess = node) -> bool:
+            samples = await scrape(node)
+            assert one(samples, "dcl_config_reloads_total", result="error") == 0
+            return one(samples, "dcl_config_reloads_total", result="ok") == count
+
+        await eventually(reloaded, timeout=10, what=f"{node.name} reloaded")
 
 
 def hang_up(nodes: list[NodeProcess]) -> None:
@@ -188,32 +210,25 @@ async def test_a_ca_rotation_under_a_running_cluster_ends_with_only_the_new_ca_t
         old_issuer = await shown_issuer(leader, pki)
         reloads = 0
 
-        async def reload_every_node() -> None:
+        async def step() -> None:
             nonlocal reloads
             reloads += 1
-            hang_up(cluster.nodes)
-            for node in cluster.nodes:
-                async def reloaded(node: NodeProcess = node) -> bool:
-                    samples = await scrape(node)
-                    assert one(samples, "dcl_config_reloads_total", result="error") == 0
-                    return one(samples, "dcl_config_reloads_total", result="ok") == reloads
-
-                await eventually(reloaded, timeout=10, what=f"{node.name} reloaded")
+            await reload_every_node(cluster, scrape, reloads)
             written.append(await leader.produce(b"after reload %d" % reloads))
 
         dcl("certs", "rotate-ca", "begin", str(pki.directory))
-        await reload_every_node()
+        await step()
         dcl("certs", "renew", str(pki.directory))
         for name in ("root", "nobody"):
             dcl("certs", "client", str(pki.directory), name, "--force")
-        await reload_every_node()
+        await step()
         new_issuers = {await shown_issuer(node, pki) for node in cluster.nodes}
         assert len(new_issuers) == 1 and old_issuer not in new_issuers
         # Both CAs are still trusted: the old client gets in (the check below can fail).
         assert await accepts(leader, old_cert, old_key, pki.ca_cert)
 
         dcl("certs", "rotate-ca", "finish", str(pki.directory))
-        await reload_every_node()
+        await step()
         for node in cluster.nodes:
             assert not await accepts(node, old_cert, old_key, pki.ca_cert)
             assert await accepts(node, pki.root_client_cert, pki.root_client_key, pki.ca_cert)
@@ -232,3 +247,89 @@ async def test_a_ca_rotation_under_a_running_cluster_ends_with_only_the_new_ca_t
 
                 await eventually(has, timeout=30, what=f"{node.name} holds offset {offset}")
         assert all(node.running for node in cluster.nodes)
+
+
+async def test_a_gossip_key_rotation_under_a_running_cluster_never_loses_a_frame(
+    tmp_path: Path,
+) -> None:
+    """`dcl certs gossip-key add`, `use`, `remove`, a SIGHUP to every node after each: no
+    gossip frame fails to open at any step (so no member is ever suspected for it), every
+    node reports the keys it holds, and at the end a stranger with the old key cannot
+    join."""
+    pki = generate_pki(tmp_path / "pki")
+    (old_key,) = load_keyring(pki.gossip_key)
+    old = key_fingerprint(old_key)
+    cluster = Cluster(pki, tmp_path / "nodes", gossip=True)
+    scrape = serve_metrics(cluster, pki)
+    async with cluster:
+        leader = await cluster.wait_for_members(cluster.nodes, timeout=30)
+
+        def keys(samples: Samples) -> dict[str, str]:
+            return {dict(labels)["fingerprint"]: dict(labels)["role"]
+                    for (name, labels), value in samples.items()
+                    if name == "dcl_gossip_key_info" and value == 1}
+
+        async def rotate(count: int, *args: str) -> dict[str, str]:
+            dcl("certs", "gossip-key", *args)
+            await reload_every_node(cluster, scrape, count)
+            held = [keys(await scrape(node)) for node in cluster.nodes]
+            assert all(h == held[0] for h in held), held
+            return held[0]
+
+        assert keys(await scrape(leader)) == {old: "primary"}
+        added = await rotate(1, "add", str(pki.gossip_key))
+        (new,) = {key_fingerprint(k) for k in load_keyring(pki.gossip_key)} - {old}
+        assert added == {old: "primary", new: "secondary"}
+        assert await rotate(2, "use", str(pki.gossip_key), new) == {new: "primary",
+                                                                     old: "secondary"}
+        assert await rotate(3, "remove", str(pki.gossip_key), old) == {new: "primary"}
+        # Gossip went on throughout (a probe every 0.5 s, gossip every 0.2 s per node):
+        # nothing failed to open, every member alive, the Raft configuration untouched.
+        await asyncio.sleep(1.0)
+        for node in cluster.nodes:
+            samples = await scrape(node)
+            assert one(samples, "dcl_gossip_auth_failures_total") == 0
+            assert one(samples, "dcl_gossip_members", state="alive") == 3
+            assert one(samples, "dcl_gossip_members", state="failed") == 0
+            assert one(samples, "dcl_raft_voters") == 3
+        assert isinstance(await leader.produce(b"after the rotation"), int)
+
+        stranger = Membership(GossipConfig(node_name="stranger",
+                                           bind_addr=("127.0.0.1", 0), key=old_key))
+        await stranger.start()
+        try:
+            with pytest.raises(JoinFailed):
+                await stranger.join([leader.gossip_addr], retries=1, timeout=3)
+        finally:
+            await stranger.stop()
+        assert one(await scrape(leader), "dcl_gossip_auth_failures_total") > 0
+
+
+async def test_a_reload_with_a_bad_gossip_key_file_changes_nothing(tmp_path: Path) -> None:
+    """The key file is checked with everything else: one that does not parse leaves the
+    keys, the ACL and the certificates as they were (all or nothing), and names its line."""
+    pki = generate_pki(tmp_path / "pki")
+    agent = Agent(config(pki, tmp_path / "data"))
+    await agent.start()
+    try:
+        assert agent.membership is not None
+        (old,) = agent.membership.key_fingerprints
+        assert agent._authorizer is not None
+        assert not agent._authorizer.allowed("nobody", "produce")
+        good_keys = pki.gossip_key.read_text()
+        with pki.acl_policy.open("a") as f:
+            f.write("p, nobody, *, produce\n")
+        pki.gossip_key.write_text(good_keys + "not-a-key\n")
+        with pytest.raises(ReloadFailed, match="line 2"):
+            agent.reload()
+        assert agent.membership.key_fingerprints == (old,)
+        assert not agent._authorizer.allowed("nobody", "produce")  # the policy waited too
+        assert agent.reloads == {"ok": 0, "error": 1}
+
+        pki.gossip_key.write_text(good_keys + bytes(range(32)).hex() + "\n")
+        agent.reload()
+        assert list(agent.membership.key_fingerprints) == [old,
+                                                           key_fingerprint(bytes(range(32)))]
+        assert agent._authorizer.allowed("nobody", "produce")
+    finally:
+        await agent.shutdown()

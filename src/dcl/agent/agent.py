@@ -27,13 +27,14 @@ from dcl.membership import (
     GossipConfig,
     GossipError,
     GossipKeyRequired,
+    InvalidGossipKey,
     JoinFailed,
     Membership,
-    MemberState,
     SwimConfig,
-    load_key_file,
+    load_keyring,
     parse_addr,
 )
+from dcl.membership.model import STATE_NAMES
 from dcl.raft.driver import RaftDriver
 from dcl.raft.storage import DEFAULT_RETAIN_BYTES, RaftStorage
 from dcl.raft.types import Config as RaftConfig
@@ -60,11 +61,6 @@ log = logging.getLogger(__name__)
 
 #: While not yet admitted to Raft, re-join the gossip seeds this often (heals split views).
 _REJOIN_SECONDS = 5.0
-
-_GOSSIP_STATE_NAMES = {
-    MemberState.ALIVE: "alive", MemberState.SUSPECT: "suspect",
-    MemberState.DEAD: "failed", MemberState.LEFT: "left",
-}
 
 
 class ReloadFailed(Exception):
@@ -190,8 +186,9 @@ class Agent:
                 raise
 
     def reload(self) -> None:
-        """Read the certificate and ACL files again and use them from the next connection
-        (certificates) or call (ACL) on, without a restart: what SIGHUP does.
+        """Read the certificate, ACL and gossip key files again and use them from the next
+        connection (certificates), call (ACL) or gossip frame (keys) on, without a restart:
+        what SIGHUP does.
 
         All or nothing: every file is read and checked before anything changes, so a bad
         file (a key that does not match, an expired certificate, a policy casbin cannot
@@ -204,7 +201,10 @@ class Agent:
             peer = TlsFiles.read(cfg.peer_tls_cert_file, cfg.peer_tls_key_file,
                                  cfg.peer_tls_ca_file, client_auth=True)
             acl = Authorizer(cfg.acl_model_file, cfg.acl_policy_file)
-        except (CertificateError, AclError) as exc:
+            gossip_keys = (load_keyring(cfg.gossip_key_file)
+                           if cfg.gossip_key_file is not None and self.membership is not None
+                           else None)
+        except (CertificateError, AclError, InvalidGossipKey) as exc:
             self.reloads["error"] += 1
             raise ReloadFailed(str(exc)) from None
         try:
@@ -220,13 +220,18 @@ class Agent:
                                f"{exc}") from None
         for live, context in fresh:
             live.use(context)
+        if gossip_keys is not None and self.membership is not None:
+            self.membership.set_keys(gossip_keys)
         if self._authorizer is not None:
             self._authorizer.adopt(acl)
         self.certificate_validity = {"server": (server.not_before, server.not_after),
                                      "peer": (peer.not_before, peer.not_after)}
         self.reloads["ok"] += 1
-        log.info("reloaded certificates and ACL: server valid until %s, peer until %s",
-                 format_utc(server.not_after), format_utc(peer.not_after))
+        fingerprints = self.membership.key_fingerprints if self.membership is not None else ()
+        log.info("reloaded certificates, ACL and gossip keys: server valid until %s, peer "
+                 "until %s, gossip sealing with %s, opening with %s",
+                 format_utc(server.not_after), format_utc(peer.not_after),
+                 fingerprints[0] if fingerprints else "-", ", ".join(fingerprints) or "-")
 
     async def shutdown(self) -> None:
         await self._leave_gossip()
@@ -334,7 +339,7 @@ class Agent:
         if cfg.metrics_port is not None:
             self.metrics = NodeMetrics(cfg.node_name, self.driver, self.backend, self.server,
                                        certificates=lambda: self.certificate_validity,
-                                       reloads=self.reloads)
+                                       reloads=self.reloads, gossip=lambda: self.membership)
             metrics_ctx = server_context(cfg.server_tls_cert_file, cfg.server_tls_key_file,
                                          cfg.server_tls_ca_file, alpn=("http/1.1",))
             self._server_contexts.append(metrics_ctx)
@@ -350,7 +355,7 @@ class Agent:
             raise GossipKeyRequired(
                 "gossip needs a shared key: pass --gossip-key-file (dcl certs init writes "
                 "gossip.key), or --insecure-gossip on a trusted network only")
-        key = load_key_file(cfg.gossip_key_file) if cfg.gossip_key_file is not None else None
+        key = load_keyring(cfg.gossip_key_file) if cfg.gossip_key_file is not None else None
         reconciler = MembershipReconciler(
             cfg.node_name, self.driver, self.admin, self.fsm.addresses,
             lambda: self.membership.members() if self.membership is not None else [],
@@ -363,6 +368,9 @@ class Agent:
             on_event=reconciler.on_event,
         )
         await membership.start()
+        if membership.key_fingerprints:
+            log.info("gossip keys: sealing with %s, opening with %s",
+                     membership.key_fingerprints[0], ", ".join(membership.key_fingerprints))
         self.membership, self._reconciler = membership, reconciler
         self._undo.append(self._close_gossip)
         loop = asyncio.get_running_loop()
@@ -473,7 +481,7 @@ class Agent:
             member = next((m for m in self.membership.members() if m.name == node_id), None)
         except GossipError:  # not started or already stopped
             return ""
-        return _GOSSIP_STATE_NAMES[member.state] if member is not None else ""
+        return STATE_NAMES[member.state] if member is not None else ""
 
     def _learn_address(self, node_id: str, addr: str) -> None:
         # A peer's self-reported address fills gaps only; the replicated book is authoritative.

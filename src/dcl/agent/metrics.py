@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 import dcl
+from dcl.membership import GossipError, Membership
+from dcl.membership.model import STATE_NAMES
 from dcl.metrics import Family, Registry, gauge, process_families
 from dcl.raft.driver import RaftDriver
 from dcl.raft.types import Role
@@ -27,17 +29,21 @@ class NodeMetrics:
     def __init__(self, node_name: str, driver: RaftDriver, backend: ReplicatedBackend,
                  server: DclServer, *,
                  certificates: Callable[[], Mapping[str, tuple[float, float]]] = dict,
-                 reloads: Mapping[str, int] | None = None):
+                 reloads: Mapping[str, int] | None = None,
+                 gossip: Callable[[], Membership | None] = lambda: None):
         """`certificates`: validity (not before, not after) of each certificate in use, by
-        use; `reloads`: reloads (SIGHUP) by result. Both change on a reload."""
+        use; `reloads`: reloads (SIGHUP) by result. Both change on a reload. `gossip`: the
+        node's membership once it runs."""
         self._node_name = node_name
         self._driver = driver
         self._backend = backend
         self._server = server
         self._certificates = certificates
         self._reloads = reloads or {}
+        self._gossip = gossip
         self.registry = Registry()
-        for source in (self._node_families, self._config_families, server.calls_total,
+        for source in (self._node_families, self._config_families, self._gossip_families,
+                       server.calls_total,
                        server.call_seconds, driver.fsync_seconds, process_families):
             self.registry.register(source)
 
@@ -51,6 +57,30 @@ class NodeMetrics:
                      "Reloads of certificates and ACL (SIGHUP) since start, by result; a "
                      "failed one changed nothing.", ("result",),
                      [("", (result,), n) for result, n in sorted(self._reloads.items())])
+
+    def _gossip_families(self) -> Iterator[Family]:
+        membership = self._gossip()
+        if membership is None:
+            return
+        fingerprints = membership.key_fingerprints
+        yield Family("dcl_gossip_key_info", "gauge",
+                     "1 per gossip key in use, by fingerprint: the primary seals, every key "
+                     "opens. Drop an old key only once every node shows the new one primary.",
+                     ("fingerprint", "role"),
+                     [("", (fp, "primary" if i == 0 else "secondary"), 1)
+                      for i, fp in enumerate(fingerprints)])
+        yield _counter("dcl_gossip_auth_failures_total",
+                       "Gossip frames no key in use opened (a stranger, or a member whose "
+                       "key this node does not hold) since the node started.",
+                       membership.stats.auth_failures)
+        try:
+            states = [m.state for m in membership.members()]
+        except GossipError:  # stopped: the node is shutting down
+            return
+        yield Family("dcl_gossip_members", "gauge",
+                     "Members this node's gossip knows, by state (itself included).",
+                     ("state",), [("", (name,), states.count(st))
+                                  for st, name in STATE_NAMES.items()])
 
     def _node_families(self) -> Iterator[Family]:
         driver, backend = self._driver, self._backend

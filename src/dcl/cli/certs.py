@@ -1,13 +1,17 @@
-"""``dcl certs``: create the cluster's certificates, ACL files and gossip key."""
+"""``dcl certs``: create the cluster's certificates, ACL files and gossip key, and replace
+them on a running cluster (renewal, CA rotation, gossip key rotation)."""
 
 from __future__ import annotations
 
 import enum
+import secrets
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from dcl.membership.crypto import MAX_KEYS, key_fingerprint, load_keyring
+from dcl.membership.errors import InvalidGossipKey
 from dcl.server.certs import (
     DEFAULT_HOSTS,
     begin_ca_rotation,
@@ -16,6 +20,7 @@ from dcl.server.certs import (
     issue_client_certificate,
     renew_node_certificates,
 )
+from dcl.storage.files import replace_atomically
 
 app = typer.Typer(name="certs", help="Certificates and ACL files.", no_args_is_help=True)
 
@@ -118,3 +123,91 @@ def rotate_ca(
     for path in paths:
         typer.echo(str(path))
     typer.echo(_NEXT_STEP[step], err=True)
+
+
+gossip_app = typer.Typer(
+    name="gossip-key", no_args_is_help=True,
+    help="The gossip keyring file: the first key seals, every key opens. To change the key "
+         "with no moment when nodes cannot hear each other: `add`, SIGHUP every node; `use` "
+         "the new one, SIGHUP every node; `remove` the old one, SIGHUP every node.")
+app.add_typer(gossip_app)
+
+_KeyFile = Annotated[Path, typer.Argument(help="The gossip key file (dcl certs init writes "
+                                                "gossip.key).")]
+_Fingerprint = Annotated[str, typer.Argument(help="A key's fingerprint, as `list` shows it.")]
+
+
+def _read_keyring(path: Path) -> list[bytes]:
+    try:
+        return list(load_keyring(path))
+    except InvalidGossipKey as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+
+
+def _find(keys: list[bytes], fingerprint: str, path: Path) -> int:
+    for i, key in enumerate(keys):
+        if key_fingerprint(key) == fingerprint.strip().lower():
+            return i
+    typer.echo(f"error: no key with fingerprint {fingerprint!r} in {path} (see `dcl certs "
+               f"gossip-key list {path}`)", err=True)
+    raise typer.Exit(code=1)
+
+
+def _write_keyring(path: Path, keys: list[bytes]) -> None:
+    lines = ["# gossip keys: the first seals, every key opens (dcl certs gossip-key --help)",
+             *(key.hex() for key in keys)]
+    replace_atomically(path, [("\n".join(lines) + "\n").encode()], mode=0o600)
+    _show(keys)
+
+
+def _show(keys: list[bytes]) -> None:
+    for i, key in enumerate(keys):
+        typer.echo(f"{key_fingerprint(key)} {'primary' if i == 0 else 'secondary'}")
+
+
+@gossip_app.command("list")
+def gossip_list(path: _KeyFile) -> None:
+    """Each key's fingerprint and role (primary: seals), never the key itself."""
+    _show(_read_keyring(path))
+
+
+@gossip_app.command("add")
+def gossip_add(path: _KeyFile) -> None:
+    """Add a new random key as a secondary: nodes open frames sealed with it after SIGHUP,
+    and still seal with the primary."""
+    keys = _read_keyring(path)
+    if len(keys) >= MAX_KEYS:
+        typer.echo(f"error: {path} holds {len(keys)} keys already, at most {MAX_KEYS}: "
+                   "remove one first", err=True)
+        raise typer.Exit(code=1)
+    key = secrets.token_bytes(32)
+    _write_keyring(path, [*keys, key])
+    typer.echo(f"next: copy {path} to every node and SIGHUP each; then `dcl certs gossip-key "
+               f"use {path} {key_fingerprint(key)}`", err=True)
+
+
+@gossip_app.command("use")
+def gossip_use(path: _KeyFile, fingerprint: _Fingerprint) -> None:
+    """Make a key the primary: nodes seal with it after SIGHUP, and still open the others
+    (so nodes not yet reloaded are heard)."""
+    keys = _read_keyring(path)
+    key = keys.pop(_find(keys, fingerprint, path))
+    _write_keyring(path, [key, *keys])
+    typer.echo(f"next: copy {path} to every node and SIGHUP each; once every node's "
+               "dcl_gossip_key_info shows it primary, `remove` the old key", err=True)
+
+
+@gossip_app.command("remove")
+def gossip_remove(path: _KeyFile, fingerprint: _Fingerprint) -> None:
+    """Take a secondary key out: nodes no longer open frames sealed with it after SIGHUP.
+    The primary cannot be removed (`use` another first)."""
+    keys = _read_keyring(path)
+    index = _find(keys, fingerprint, path)
+    if index == 0:
+        typer.echo(f"error: {fingerprint} is the primary key: `use` another key first",
+                   err=True)
+        raise typer.Exit(code=1)
+    del keys[index]
+    _write_keyring(path, keys)
+    typer.echo(f"next: copy {path} to every node and SIGHUP each", err=True)

@@ -8,15 +8,16 @@ Layers (each usable alone):
 Public API::
 
     config = GossipConfig(node_name="n1", bind_addr=("127.0.0.1", 7946),
-                          tags={"rpc_addr": "127.0.0.1:8400"}, key=load_key_file(path))
+                          tags={"rpc_addr": "127.0.0.1:8400"}, key=load_keyring(path))
     m = Membership(config, on_event=handler)   # handler(MemberEvent) -> None | Awaitable
     await m.start()                            # GossipKeyRequired without key/insecure
     await m.join(["127.0.0.1:7947"], retries=3, timeout=10.0) -> int   # JoinFailed if 0
     m.members() / m.alive_members() / m.local_member / m.set_tags({...}) / m.stats
+    m.set_keys(load_keyring(path))             # a new keyring, e.g. on SIGHUP
     await m.leave(timeout=3.0); await m.stop()
 """
 
-from dcl.membership.crypto import load_key_file, parse_key
+from dcl.membership.crypto import key_fingerprint, load_keyring, parse_key, parse_keyring
 from dcl.membership.driver import GossipConfig, GossipStats, Membership, parse_addr
 from dcl.membership.errors import (
     AuthenticationFailed,
@@ -47,7 +48,9 @@ __all__ = [
     "Membership",
     "Swim",
     "SwimConfig",
-    "load_key_file",
+    "key_fingerprint",
+    "load_keyring",
     "parse_addr",
     "parse_key",
+    "parse_keyring",
 ]

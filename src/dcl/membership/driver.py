@@ -54,14 +54,14 @@ class GossipConfig:
 
     `bind_addr` is an IP literal; port 0 picks a free port shared by UDP and TCP.
     `advertise_addr` is what other members use to reach us (defaults to the bound address,
-    so set it when binding 0.0.0.0). `key` (16/24/32 bytes,
-    see `crypto.parse_key`/`load_key_file`) is required unless `insecure=True`.
+    so set it when binding 0.0.0.0). `key` (16/24/32 bytes, or a keyring of such keys whose
+    first seals and all open; see `crypto.load_keyring`) is required unless `insecure=True`.
     """
 
     node_name: str
     bind_addr: Addr
     tags: Mapping[str, str] = field(default_factory=dict)
-    key: bytes | None = None
+    key: bytes | Sequence[bytes] | None = None
     insecure: bool = False
     advertise_addr: Addr | None = None
     protocol: SwimConfig = field(default_factory=SwimConfig)
@@ -240,6 +240,20 @@ class Membership:
         swim = self._core()
         local = [swim.local_member] if not swim.leaving else []
         return sorted(local + swim.live_peers(), key=lambda m: m.name)
+
+    def set_keys(self, keys: Sequence[bytes]) -> None:
+        """Seal with the first of ``keys`` and open with any of them from the next frame on:
+        how the gossip key changes on a running node (SIGHUP). Only a started node that
+        already has keys takes them; an insecure one stays insecure."""
+        if self._sealer is None or not self._sealer.secure:
+            raise GossipConfigError("only a started gossip node with a key takes new keys")
+        self._sealer = PacketSealer(keys)
+
+    @property
+    def key_fingerprints(self) -> tuple[str, ...]:
+        """Fingerprints (`crypto.key_fingerprint`) of the keys in use, the sealing one first;
+        empty when insecure or not started."""
+        return self._sealer.fingerprints if self._sealer is not None else ()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Replace the local tags; peers fire an UPDATE event once the change reaches them."""

@@ -27,6 +27,10 @@ class MemberState(enum.Enum):
     LEFT = "l"
 
 
+#: What operators read (status, metrics): SWIM's DEAD is a failure, not a verdict.
+STATE_NAMES = {MemberState.ALIVE: "alive", MemberState.SUSPECT: "suspect",
+               MemberState.DEAD: "failed", MemberState.LEFT: "left"}
+
 LIVE_STATES = frozenset({MemberState.ALIVE, MemberState.SUSPECT})
 GONE_STATES = frozenset({MemberState.DEAD, MemberState.LEFT})
 

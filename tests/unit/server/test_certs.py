@@ -13,6 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
 from dcl.cli.main import app
+from dcl.membership.crypto import MAX_KEYS
 from dcl.server.certs import PkiFiles, generate_pki
 
 pytestmark = pytest.mark.timeout(30)
@@ -168,3 +169,40 @@ def test_a_ca_key_of_no_listed_ca_is_refused_before_signing(tmp_path: Path) -> N
     result = CliRunner().invoke(app, ["certs", "client", str(pki.directory), "carol"])
     assert result.exit_code == 1 and "is the key of no CA" in result.output
     assert not (pki.directory / "carol-client.pem").exists()
+
+
+def test_cli_gossip_key_add_use_remove_names_keys_by_fingerprint_only(tmp_path: Path) -> None:
+    runner = CliRunner()
+    pki = generate_pki(tmp_path / "pki")
+    path = str(pki.gossip_key)
+
+    def roles() -> list[tuple[str, str]]:
+        listed = runner.invoke(app, ["certs", "gossip-key", "list", path])
+        assert listed.exit_code == 0, listed.output
+        return [(fp, role) for fp, role in (line.split() for line in listed.stdout.splitlines())]
+
+    ((old, role),) = roles()
+    assert role == "primary" and old not in pki.gossip_key.read_text()  # no key shown
+    added = runner.invoke(app, ["certs", "gossip-key", "add", path])
+    assert added.exit_code == 0, added.output
+    listed = roles()
+    new = listed[1][0]
+    assert listed == [(old, "primary"), (new, "secondary")]
+    assert stat.S_IMODE(pki.gossip_key.stat().st_mode) == 0o600
+
+    primary = runner.invoke(app, ["certs", "gossip-key", "remove", path, old])
+    assert primary.exit_code == 1 and "is the primary key" in primary.output
+    unknown = runner.invoke(app, ["certs", "gossip-key", "use", path, "0123456789abcdef"])
+    assert unknown.exit_code == 1 and "no key with fingerprint" in unknown.output
+    assert runner.invoke(app, ["certs", "gossip-key", "use", path, new]).exit_code == 0
+    assert roles() == [(new, "primary"), (old, "secondary")]
+    assert runner.invoke(app, ["certs", "gossip-key", "remove", path, old]).exit_code == 0
+    assert roles() == [(new, "primary")]
+
+    for _ in range(MAX_KEYS - 1):
+        assert runner.invoke(app, ["certs", "gossip-key", "add", path]).exit_code == 0
+    full = runner.invoke(app, ["certs", "gossip-key", "add", path])
+    assert full.exit_code == 1 and f"at most {MAX_KEYS}" in full.output
+    pki.gossip_key.write_text(pki.gossip_key.read_text() + "garbage\n")
+    damaged = runner.invoke(app, ["certs", "gossip-key", "list", path])
+    assert damaged.exit_code == 1 and f"line {MAX_KEYS + 2}" in damaged.output
