@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -27,10 +27,12 @@ __all__ = [
     "CertificateError",
     "LiveContext",
     "TlsFiles",
+    "ca_certificates",
     "certificate_validity",
     "client_context",
     "common_name",
     "format_utc",
+    "issued_by_any",
     "peer_common_name",
     "server_context",
 ]
@@ -88,6 +90,18 @@ class LiveContext(ssl.SSLContext):
         """New connections from now on use ``context`` (from `renewed`)."""
         self._current = context
 
+    # What the context in use holds, not the wrapper's first load. Settings changed on the
+    # wrapper after a `use` reach no connection: build a context with them instead.
+    def get_ca_certs(self, binary_form: bool = False) -> Any:
+        if self._current is self:
+            return super().get_ca_certs(binary_form)
+        return self._current.get_ca_certs(binary_form)
+
+    def cert_store_stats(self) -> dict[str, int]:
+        if self._current is self:
+            return super().cert_store_stats()
+        return self._current.cert_store_stats()
+
     def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
                  server_side: bool = False, server_hostname: str | bytes | None = None,
                  session: ssl.SSLSession | None = None) -> ssl.SSLObject:
@@ -144,6 +158,38 @@ def certificate_validity(cert_pem: bytes) -> tuple[float, float]:
     except ValueError as exc:
         raise CertificateError(f"not a PEM certificate: {exc}") from None
     return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+
+
+def ca_certificates(pem: bytes) -> frozenset[bytes]:
+    """The certificates of a CA file, as DER: to compare two versions of the file."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        return frozenset(c.public_bytes(Encoding.DER)
+                         for c in x509.load_pem_x509_certificates(pem))
+    except ValueError as exc:
+        raise CertificateError(f"not a PEM CA file: {exc}") from None
+
+
+def issued_by_any(cert_der: bytes, cas: Iterable[bytes]) -> bool:
+    """Whether one of ``cas`` (DER) signed this certificate (DER) itself. Only direct
+    issue: a certificate under an intermediate CA is never matched (a connection showed
+    us its leaf only), so what this picks out is certain."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+    except ValueError:
+        return False
+    for ca_der in cas:
+        try:
+            cert.verify_directly_issued_by(x509.load_der_x509_certificate(ca_der))
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ import pytest
 from dcl.api.dcl.v1 import raft_pb2
 from dcl.raft.types import AppendEntries, Entry, EntryType, Heartbeat, Message
 from dcl.server.acl import Action, Authorizer
-from dcl.server.certs import PkiFiles
+from dcl.server.certs import PkiFiles, generate_pki
 from dcl.server.local import LocalBackend
 from dcl.server.raft_transport import GrpcTransport, RaftService
 from dcl.server.server import DclServer, build_server
 from dcl.server.services import Limits
-from dcl.tls import client_context, server_context
+from dcl.tls import TlsFiles, client_context, server_context
 from tests.integration.conftest import LOG_CONFIG, eventually
 
 pytestmark = pytest.mark.timeout(30)
@@ -183,5 +183,34 @@ async def test_a_peer_address_that_does_not_parse_is_retried_not_given_up(
         address["n1"] = server.address
         transport.send([append(1, 10)])
         await eventually(lambda: len(inbox.messages) >= 1, timeout=10)
+    finally:
+        await transport.close()
+
+
+async def test_a_redial_checks_each_peer_again_against_the_cas_trusted_now(
+    pki: PkiFiles, receiver: tuple[DclServer, Inbox], tmp_path: Path
+) -> None:
+    """What a reload does when a CA left the peer CA file: a stream opened while that CA was
+    trusted goes on by itself (OpenSSL checks a peer once, at the handshake), so the
+    transport is told to redial, and the new handshake is refused."""
+    server, inbox = receiver
+    other = generate_pki(tmp_path / "other")
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(pki.ca_cert.read_bytes() + other.ca_cert.read_bytes())
+    dialer = client_context(pki.peer_cert, pki.peer_key, bundle)
+    transport = GrpcTransport(dialer, "127.0.0.1:1", {"n1": server.address}.get)
+    try:
+        transport.send([append(1, 10)])
+        await eventually(lambda: len(inbox.messages) == 1, timeout=10)
+        # The receiver's CA (pki's) leaves the file: only other's is trusted from now on.
+        dialer.use(dialer.renewed(TlsFiles(pki.peer_cert.read_bytes(),
+                                           pki.peer_key.read_bytes(),
+                                           other.ca_cert.read_bytes(), 0, 0)))
+        transport.send([append(2, 10)])
+        await eventually(lambda: len(inbox.messages) == 2, timeout=10)  # the old stream
+        transport.redial()
+        transport.send([append(3, 10)])
+        await asyncio.sleep(0.5)
+        assert len(inbox.messages) == 2
     finally:
         await transport.close()

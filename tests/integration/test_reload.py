@@ -18,7 +18,7 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 
 import pytest
@@ -90,20 +90,42 @@ async def shown_issuer(node: NodeProcess, pki: PkiFiles) -> str:
     return x509.load_der_x509_certificate(der).issuer.rfc4514_string()
 
 
-async def accepts(node: NodeProcess, cert: Path, key: Path, ca: Path) -> bool:
-    """Whether node takes a connection with this client certificate: an accepted one
-    is sent the server's HTTP/2 settings; a refused one an alert (TLS 1.3 tells the client
-    after its side of the handshake) or the end of the stream."""
+@contextlib.asynccontextmanager
+async def connection(node: NodeProcess, cert: Path, key: Path, ca: Path
+                     ) -> AsyncIterator[asyncio.StreamReader | None]:
+    """A TLS connection to node's RPC port with this client certificate: its reader once
+    accepted (the server sent its HTTP/2 settings), None if refused (an alert, as TLS 1.3
+    tells the client after its own side of the handshake, or the end of the stream)."""
     ctx = client_context(cert, key, ca)
     reader, writer = await asyncio.open_connection("127.0.0.1", node.port, ssl=ctx,
                                                    server_hostname="127.0.0.1")
     try:
-        return bool(await asyncio.wait_for(reader.read(9), 10))
-    except (ssl.SSLError, ConnectionError):
-        return False
+        try:
+            accepted = bool(await asyncio.wait_for(reader.read(9), 10))
+        except (ssl.SSLError, ConnectionError):
+            accepted = False
+        yield reader if accepted else None
     finally:
         with contextlib.suppress(ssl.SSLError, ConnectionError):
             writer.close()
+
+
+async def accepts(node: NodeProcess, cert: Path, key: Path, ca: Path) -> bool:
+    async with connection(node, cert, key, ca) as reader:
+        return reader is not None
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 10) -> bool:
+    """Whether the other end closes this connection within timeout (reading what comes)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return False
+    except (ssl.SSLError, ConnectionError):
+        pass
+    return True
 
 
 async def reload_every_node(cluster: Cluster, scrape: Scrape, count: int) -> None:
@@ -193,9 +215,9 @@ async def test_a_ca_rotation_under_a_running_cluster_ends_with_only_the_new_ca_t
     tmp_path: Path,
 ) -> None:
     """`dcl certs rotate-ca begin`, renew, reissue the clients, `finish`, a SIGHUP to every
-    node after each step: the cluster takes writes and replicates throughout, and at the
-    end a client certificate from the old CA is refused while a node restarted then
-    rejoins with the new certificates only."""
+    node after each step: the cluster takes writes and replicates throughout; at the end a
+    client certificate from the old CA is refused, the connections it opened before are
+    closed, and a node restarted then rejoins with the new certificates only."""
     pki = generate_pki(tmp_path / "pki")
     old = tmp_path / "old"  # a client that keeps its old-CA certificate
     old.mkdir()
@@ -224,11 +246,18 @@ async def test_a_ca_rotation_under_a_running_cluster_ends_with_only_the_new_ca_t
         await step()
         new_issuers = {await shown_issuer(node, pki) for node in cluster.nodes}
         assert len(new_issuers) == 1 and old_issuer not in new_issuers
-        # Both CAs are still trusted: the old client gets in (the check below can fail).
-        assert await accepts(leader, old_cert, old_key, pki.ca_cert)
+        async with contextlib.AsyncExitStack() as held:
+            # Both CAs are still trusted: the old client gets in (the checks below can fail),
+            # and keeps a connection open to each node.
+            readers = [await held.enter_async_context(
+                connection(node, old_cert, old_key, pki.ca_cert)) for node in cluster.nodes]
+            assert all(reader is not None for reader in readers)
 
-        dcl("certs", "rotate-ca", "finish", str(pki.directory))
-        await step()
+            dcl("certs", "rotate-ca", "finish", str(pki.directory))
+            await step()
+            # The reload closed the connections the old CA's certificate had opened.
+            for reader in readers:
+                assert reader is not None and await closed_by_peer(reader)
         for node in cluster.nodes:
             assert not await accepts(node, old_cert, old_key, pki.ca_cert)
             assert await accepts(node, pki.root_client_cert, pki.root_client_key, pki.ca_cert)

@@ -49,9 +49,11 @@ from dcl.tls import (
     CertificateError,
     LiveContext,
     TlsFiles,
+    ca_certificates,
     certificate_validity,
     client_context,
     format_utc,
+    issued_by_any,
     server_context,
 )
 
@@ -165,6 +167,9 @@ class Agent:
         self._server_contexts: list[LiveContext] = []
         self._peer_contexts: list[LiveContext] = []
         self._authorizer: Authorizer | None = None
+        #: The CA files' bytes as last loaded, by use: a reload closes what a CA taken out
+        #: of one vouched for.
+        self._ca_files: dict[str, bytes] = {}
         #: (not before, not after) of the certificates in use, Unix seconds, by use.
         self.certificate_validity: dict[str, tuple[float, float]] = {}
         self.reloads = {"ok": 0, "error": 0}
@@ -204,6 +209,9 @@ class Agent:
             gossip_keys = (load_keyring(cfg.gossip_key_file)
                            if cfg.gossip_key_file is not None and self.membership is not None
                            else None)
+            dropped = {use: ca_certificates(self._ca_files[use]) - ca_certificates(files.ca)
+                       for use, files in (("server", server), ("peer", peer))
+                       if use in self._ca_files}
         except (CertificateError, AclError, InvalidGossipKey) as exc:
             self.reloads["error"] += 1
             raise ReloadFailed(str(exc)) from None
@@ -220,6 +228,19 @@ class Agent:
                                f"{exc}") from None
         for live, context in fresh:
             live.use(context)
+        self._ca_files = {"server": server.ca, "peer": peer.ca}
+        # What a CA no longer trusted vouched for goes too: a connection to our port with
+        # a certificate it signed (server CA file), and our streams to peers (peer CA file;
+        # redialled, so each handshake is checked again).
+        if dropped.get("server"):
+            closed = self.server.close_connections(
+                lambda der: issued_by_any(der, dropped["server"]))
+            log.warning("reload: closed %d connections whose certificate a CA taken out of "
+                        "the CA file signed", closed)
+        if dropped.get("peer"):
+            self._transport.redial()
+            log.warning("reload: a CA was taken out of the peer CA file; peer streams "
+                        "redialled")
         if gossip_keys is not None and self.membership is not None:
             self.membership.set_keys(gossip_keys)
         if self._authorizer is not None:
@@ -325,6 +346,9 @@ class Agent:
             use: certificate_validity(Path(path).read_bytes())
             for use, path in (("server", cfg.server_tls_cert_file),
                               ("peer", cfg.peer_tls_cert_file))}
+        self._ca_files = {use: Path(path).read_bytes()
+                          for use, path in (("server", cfg.server_tls_ca_file),
+                                            ("peer", cfg.peer_tls_ca_file))}
         authorizer = self._authorizer = Authorizer(cfg.acl_model_file, cfg.acl_policy_file)
         self.admin = AdminService(self.backend, gossip_state=self._gossip_state)
         self.server = build_server(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +19,7 @@ from dcl.server.certs import (
     finish_ca_rotation,
     generate_pki,
     issue_client_certificate,
+    one_at_a_time,
     renew_node_certificates,
 )
 from dcl.storage.files import replace_atomically
@@ -64,7 +66,7 @@ def renew(
     names = [h.strip() for value in hosts or [] for h in value.split(",") if h.strip()]
     try:
         paths = renew_node_certificates(directory, names)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     for path in paths:
@@ -83,7 +85,7 @@ def client(
     """Issue a client certificate signed by the cluster CA; grant it rights in policy.csv."""
     try:
         paths = issue_client_certificate(directory, name, force=force)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     for path in paths:
@@ -102,7 +104,8 @@ _NEXT_STEP = {
         "trusts both CAs; then `dcl certs renew DIR` and `dcl certs client DIR NAME --force` "
         "for each client, SIGHUP every node; then `dcl certs rotate-ca finish DIR`"),
     RotationStep.FINISH: (
-        "next: SIGHUP every node; from then on certificates the old CA signed are refused"),
+        "next: SIGHUP every node: it then refuses certificates the old CA signed and closes "
+        "the connections they opened; give clients the new ca.pem (only the new CA)"),
 }
 
 
@@ -114,12 +117,18 @@ def rotate_ca(
     directory: Annotated[Path, typer.Argument(help="The directory `dcl certs init` wrote.")],
 ) -> None:
     """Replace the cluster CA without a restart or a moment when nodes refuse each other."""
-    rotate = begin_ca_rotation if step is RotationStep.BEGIN else finish_ca_rotation
+    replaced = None
     try:
-        paths = rotate(directory)
-    except (FileNotFoundError, ValueError) as exc:
+        if step is RotationStep.BEGIN:
+            paths, replaced = begin_ca_rotation(directory)
+        else:
+            paths = finish_ca_rotation(directory)
+    except (OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
+    if replaced is not None:
+        typer.echo(f"replaced {replaced}, a CA whose key was never written (an earlier "
+                   "begin cut short)", err=True)
     for path in paths:
         typer.echo(str(path))
     typer.echo(_NEXT_STEP[step], err=True)
@@ -172,17 +181,30 @@ def gossip_list(path: _KeyFile) -> None:
     _show(_read_keyring(path))
 
 
+def _edit_keyring(path: Path, change: Callable[[list[bytes]], list[bytes]]) -> None:
+    """Read, change and write the keyring under the directory's lock (`one_at_a_time`), so
+    two edits at once do not lose one."""
+
+    def edit(_directory: object) -> None:
+        _write_keyring(path, change(_read_keyring(path)))
+
+    one_at_a_time(edit)(path.parent)
+
+
 @gossip_app.command("add")
 def gossip_add(path: _KeyFile) -> None:
     """Add a new random key as a secondary: nodes open frames sealed with it after SIGHUP,
     and still seal with the primary."""
-    keys = _read_keyring(path)
-    if len(keys) >= MAX_KEYS:
-        typer.echo(f"error: {path} holds {len(keys)} keys already, at most {MAX_KEYS}: "
-                   "remove one first", err=True)
-        raise typer.Exit(code=1)
     key = secrets.token_bytes(32)
-    _write_keyring(path, [*keys, key])
+
+    def add(keys: list[bytes]) -> list[bytes]:
+        if len(keys) >= MAX_KEYS:
+            typer.echo(f"error: {path} holds {len(keys)} keys already, at most {MAX_KEYS}: "
+                       "remove one first", err=True)
+            raise typer.Exit(code=1)
+        return [*keys, key]
+
+    _edit_keyring(path, add)
     typer.echo(f"next: copy {path} to every node and SIGHUP each; then `dcl certs gossip-key "
                f"use {path} {key_fingerprint(key)}`", err=True)
 
@@ -191,9 +213,12 @@ def gossip_add(path: _KeyFile) -> None:
 def gossip_use(path: _KeyFile, fingerprint: _Fingerprint) -> None:
     """Make a key the primary: nodes seal with it after SIGHUP, and still open the others
     (so nodes not yet reloaded are heard)."""
-    keys = _read_keyring(path)
-    key = keys.pop(_find(keys, fingerprint, path))
-    _write_keyring(path, [key, *keys])
+
+    def use(keys: list[bytes]) -> list[bytes]:
+        key = keys.pop(_find(keys, fingerprint, path))
+        return [key, *keys]
+
+    _edit_keyring(path, use)
     typer.echo(f"next: copy {path} to every node and SIGHUP each; once every node's "
                "dcl_gossip_key_info shows it primary, `remove` the old key", err=True)
 
@@ -202,12 +227,14 @@ def gossip_use(path: _KeyFile, fingerprint: _Fingerprint) -> None:
 def gossip_remove(path: _KeyFile, fingerprint: _Fingerprint) -> None:
     """Take a secondary key out: nodes no longer open frames sealed with it after SIGHUP.
     The primary cannot be removed (`use` another first)."""
-    keys = _read_keyring(path)
-    index = _find(keys, fingerprint, path)
-    if index == 0:
-        typer.echo(f"error: {fingerprint} is the primary key: `use` another key first",
-                   err=True)
-        raise typer.Exit(code=1)
-    del keys[index]
-    _write_keyring(path, keys)
+
+    def remove(keys: list[bytes]) -> list[bytes]:
+        index = _find(keys, fingerprint, path)
+        if index == 0:
+            typer.echo(f"error: {fingerprint} is the primary key: `use` another key first",
+                       err=True)
+            raise typer.Exit(code=1)
+        return keys[:index] + keys[index + 1:]
+
+    _edit_keyring(path, remove)
     typer.echo(f"next: copy {path} to every node and SIGHUP each", err=True)

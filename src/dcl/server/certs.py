@@ -10,6 +10,8 @@ proving that authorization, not just authentication, is enforced.
 from __future__ import annotations
 
 import datetime
+import fcntl
+import functools
 import ipaddress
 import os
 import re
@@ -17,7 +19,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -29,6 +31,7 @@ from dcl.storage.files import replace_atomically
 
 __all__ = [
     "DEFAULT_HOSTS",
+    "LOCK_NAME",
     "MODEL_CONF",
     "POLICY_CSV",
     "PkiFiles",
@@ -36,10 +39,13 @@ __all__ = [
     "finish_ca_rotation",
     "generate_pki",
     "issue_client_certificate",
+    "one_at_a_time",
     "renew_node_certificates",
 ]
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
+_Dir = str | os.PathLike[str]
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
@@ -251,6 +257,35 @@ def _write(path: Path, data: bytes, *, secret: bool) -> None:
     replace_atomically(path, [data], mode=0o600 if secret else 0o644)
 
 
+#: The lock file `one_at_a_time` keeps in a directory (left there: removing a lock file
+#: races with the next command opening it).
+LOCK_NAME = ".dcl-certs.lock"
+
+
+def one_at_a_time(
+    func: Callable[Concatenate[_Dir, _P], _T],
+) -> Callable[Concatenate[_Dir, _P], _T]:
+    """Run ``func(directory, ...)`` holding an exclusive lock on directory: two commands
+    at once (two `begin_ca_rotation`, say) could otherwise leave a CA listed whose key the
+    other one overwrote."""
+
+    @functools.wraps(func)
+    def locked(directory: _Dir, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            fd = os.open(Path(directory) / LOCK_NAME,
+                         os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except FileNotFoundError:  # no such directory: func says so (or creates it)
+            return func(directory, *args, **kwargs)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return func(directory, *args, **kwargs)
+        finally:
+            os.close(fd)
+
+    return locked
+
+
+@one_at_a_time
 def generate_pki(
     directory: str | os.PathLike[str],
     hosts: Iterable[str] = (),
@@ -292,6 +327,7 @@ def generate_pki(
     return files
 
 
+@one_at_a_time
 def renew_node_certificates(
     directory: str | os.PathLike[str], hosts: Iterable[str] = ()
 ) -> list[Path]:
@@ -350,9 +386,11 @@ def _load_ca(files: PkiFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     raise ValueError(f"{files.ca_key} is the key of no CA that {files.ca_cert} lists")
 
 
-def begin_ca_rotation(directory: str | os.PathLike[str]) -> list[Path]:
+@one_at_a_time
+def begin_ca_rotation(directory: str | os.PathLike[str]) -> tuple[list[Path], str | None]:
     """First step of replacing the cluster CA (before it expires, or when its key may have
-    leaked); returns the paths written.
+    leaked); returns the paths written and, when it replaced one, the name of a second CA
+    that had no key here (a `begin` cut short between its two writes).
 
     A new CA: ca.pem lists the old CA and the new one, so whatever reads it (after SIGHUP,
     for nodes) trusts certificates from either while they are replaced, and ca-key.pem is
@@ -360,28 +398,36 @@ def begin_ca_rotation(directory: str | os.PathLike[str]) -> list[Path]:
     it from now on. `finish_ca_rotation` takes the old CA out. One rotation at a time.
     """
     files = PkiFiles(Path(directory))
-    _load_ca(files)  # the files are what dcl certs wrote, before anything is replaced
-    old = _load_pem(files.ca_cert, x509.load_pem_x509_certificates)
-    if len(old) > 1:
-        raise ValueError(f"{files.ca_cert} lists {len(old)} CAs: a rotation is under way; "
-                         "finish it first (dcl certs rotate-ca finish)")
+    signing, _ = _load_ca(files)  # the files are what dcl certs wrote, before any change
+    listed = _load_pem(files.ca_cert, x509.load_pem_x509_certificates)
+    replaced = None
+    if len(listed) > 2:
+        raise ValueError(f"{files.ca_cert} lists {len(listed)} CAs; dcl certs rotates a "
+                         "file of one (two while rotating)")
+    if len(listed) == 2:
+        if signing != listed[0]:
+            raise ValueError(f"{files.ca_cert} lists 2 CAs: a rotation is under way; finish "
+                             "it first (dcl certs rotate-ca finish)")
+        # The second CA's key was never written: it signed nothing, so it goes.
+        replaced = listed.pop().subject.rfc4514_string()
     now = datetime.datetime.now(datetime.UTC)
     ca_cert, ca_key = _issue_ca(now, f"DCL Store CA {now:%Y-%m-%dT%H:%M:%SZ}")
-    # The list first: if the key is never written (a crash), the old CA still signs and
-    # `finish_ca_rotation` drops the new, unused one.
-    _write(files.ca_cert, b"".join(_cert_pem(c) for c in (*old, ca_cert)), secret=False)
+    # The list first: cut short before the key is written, the old CA still signs, and
+    # `finish_ca_rotation` refuses (this function, run again, replaces the keyless CA).
+    _write(files.ca_cert, b"".join(_cert_pem(c) for c in (*listed, ca_cert)), secret=False)
     _write(files.ca_key, _key_pem(ca_key), secret=True)
-    return [files.ca_cert, files.ca_key]
+    return [files.ca_cert, files.ca_key], replaced
 
 
+@one_at_a_time
 def finish_ca_rotation(directory: str | os.PathLike[str]) -> list[Path]:
     """Last step of a CA rotation: ca.pem lists only the CA that signs now; returns the
     paths written. After SIGHUP, nodes refuse new connections with certificates the old CA
-    signed.
+    signed, and close those open.
 
     Refuses while the server, peer or a ``*-client.pem`` certificate in directory is not
-    signed by the new CA: nodes would refuse the first two at the reload (and go on as
-    they were), and such a client would be shut out.
+    signed by the new CA (nodes would refuse the first two at the reload and go on as they
+    were; such a client would be shut out), and when `begin_ca_rotation` was cut short.
     """
     files = PkiFiles(Path(directory))
     ca_cert, _ = _load_ca(files)
@@ -389,18 +435,21 @@ def finish_ca_rotation(directory: str | os.PathLike[str]) -> list[Path]:
     if len(listed) == 1:
         raise ValueError(f"{files.ca_cert} lists one CA: no rotation is under way "
                          "(dcl certs rotate-ca begin starts one)")
+    if ca_cert == listed[0]:
+        raise ValueError(f"{files.ca_key} is still the first CA's key: `dcl certs rotate-ca "
+                         "begin` was cut short; run it again")
     stale = []
     for path in [files.server_cert, files.peer_cert,
                  *sorted(files.directory.glob("*-client.pem"))]:
-        cert = _load_pem(path, x509.load_pem_x509_certificate)
         try:
+            cert = _load_pem(path, x509.load_pem_x509_certificate)
             cert.verify_directly_issued_by(ca_cert)
-        except (ValueError, TypeError, InvalidSignature):
+        except (OSError, ValueError, TypeError, InvalidSignature):
             stale.append(path.name)
     if stale:
-        raise ValueError(f"still signed by the old CA: {', '.join(stale)}; issue them anew "
-                         "(dcl certs renew; dcl certs client DIR NAME --force), SIGHUP "
-                         "every node, then finish")
+        raise ValueError(f"not signed by the new CA: {', '.join(stale)}; issue them anew "
+                         "(dcl certs renew; dcl certs client DIR NAME --force) or remove "
+                         "them, SIGHUP every node, then finish")
     _write(files.ca_cert, _cert_pem(ca_cert), secret=False)
     return [files.ca_cert]
 
@@ -408,6 +457,7 @@ def finish_ca_rotation(directory: str | os.PathLike[str]) -> list[Path]:
 _COMMON_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+@one_at_a_time
 def issue_client_certificate(
     directory: str | os.PathLike[str], common_name: str, *, force: bool = False
 ) -> tuple[Path, Path]:
@@ -434,6 +484,8 @@ def issue_client_certificate(
     cert, key = _issue_leaf(
         ca_cert, ca_key, common_name, [ExtendedKeyUsageOID.CLIENT_AUTH], [], now
     )
-    _write(cert_path, _cert_pem(cert), secret=False)
+    # Key first, as in a renewal: cut short in between, the old certificate is left with
+    # a key that is not its own, which fails loudly, rather than a new one with the old key.
     _write(key_path, _key_pem(key), secret=True)
+    _write(cert_path, _cert_pem(cert), secret=False)
     return cert_path, key_path

@@ -73,6 +73,7 @@ class _Peer:
                 await self.ready.wait()
                 continue
             channel: Channel | None = None
+            generation = self._transport.generation  # before the handshake it vouches for
             try:
                 # Inside the try: an address that does not parse (from an older version's
                 # Raft state, say) must not end this task, or the peer never hears from us.
@@ -81,9 +82,9 @@ class _Peer:
                 async with stub.Send.open() as stream:
                     await stream.send_request()
                     backoff = 0.05
-                    await self._send_until_moved(stream, addr)
-                    # The peer moved: end this call without waiting for an answer the
-                    # receiver only gives once the stream ends, and dial the new address.
+                    await self._send_until_moved(stream, addr, generation)
+                    # The peer moved (or a redial): end this call without waiting for an
+                    # answer the receiver only gives once the stream ends, and dial again.
                     await stream.cancel()
             except asyncio.CancelledError:
                 raise
@@ -101,15 +102,17 @@ class _Peer:
                     channel.close()
 
     async def _send_until_moved(
-        self, stream: ClientStream[raft_pb2.RaftBatch, raft_pb2.RaftSendSummary], addr: str
+        self, stream: ClientStream[raft_pb2.RaftBatch, raft_pb2.RaftSendSummary], addr: str,
+        generation: int,
     ) -> None:
-        """Send what is queued, batch by batch, until the peer's address changes (what is
-        queued then stays for the new address)."""
+        """Send what is queued, batch by batch, until the peer's address changes or
+        `GrpcTransport.redial` is called (what is queued then stays for the next stream)."""
         while True:
             if not self.queue:
                 self.ready.clear()
                 await self.ready.wait()
-            if self._transport.dial_address(self.id) != addr:
+            if (self._transport.dial_address(self.id) != addr
+                    or self._transport.generation != generation):
                 return
             queued, self.queue = self.queue, []
             src_addr = self._transport.local_addr
@@ -133,6 +136,8 @@ class GrpcTransport:
         #: front of the link, as the chaos harness uses); the advertised address is unchanged.
         self.dial_overrides = dict(dial_overrides or {})
         self._peers: dict[str, _Peer] = {}
+        #: Bumped by `redial`: a stream opened under an older one ends.
+        self.generation = 0
 
     def dial_address(self, peer_id: str) -> str | None:
         return self.dial_overrides.get(peer_id) or self.address_of(peer_id)
@@ -146,6 +151,14 @@ class GrpcTransport:
             if peer is None:
                 peer = self._peers[dst] = _Peer(dst, self)
             peer.push(msgs)
+
+    def redial(self) -> None:
+        """Open every peer's stream anew, with the TLS context as it is now: after a reload
+        took a CA out of the CA file, a peer connection it vouched for must not outlive it
+        (the new handshake is checked against the CAs trusted now)."""
+        self.generation += 1
+        for peer in self._peers.values():
+            peer.ready.set()
 
     async def close(self) -> None:
         for peer in self._peers.values():

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import grpclib.server
@@ -166,18 +166,33 @@ def _action_for(method: str, actions: Mapping[str, ActionRule]) -> ActionRule:
 
 
 class _CorkedH2Protocol(H2Protocol):
+    def __init__(self, base: H2Protocol, connections: set[asyncio.BaseTransport]) -> None:
+        super().__init__(base.handler, base.config, base.h2_config)
+        self._connections = connections
+        self._transport: asyncio.BaseTransport | None = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._connections.add(transport)
         corked = CorkedTransport(cast(asyncio.Transport, transport))
         super().connection_made(cast(asyncio.BaseTransport, corked))  # duck-typed wrapper
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._connections.discard(cast(asyncio.BaseTransport, self._transport))
+        super().connection_lost(exc)
 
 
 class _CorkedServer(Server):
     """grpclib's Server with every connection's writes coalesced per loop turn
-    (dcl.server.framing.CorkedTransport): fewer TLS records and syscalls per call."""
+    (dcl.server.framing.CorkedTransport): fewer TLS records and syscalls per call; and
+    the open connections known (`connections`), so a reload can close some."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: set[asyncio.BaseTransport] = set()
 
     def _protocol_factory(self) -> H2Protocol:
-        base = super()._protocol_factory()
-        return _CorkedH2Protocol(base.handler, base.config, base.h2_config)
+        return _CorkedH2Protocol(super()._protocol_factory(), self.connections)
 
 
 class DclServer:
@@ -286,6 +301,20 @@ class DclServer:
                     timer.observe(clock() - started)
 
         return guarded
+
+    def close_connections(self, certificate_refused: Callable[[bytes], bool]) -> int:
+        """Close every open connection whose client certificate (DER) is refused; returns
+        how many. After a reload took a CA out of the CA file, so that its certificates,
+        refused from then on, do not keep a connection opened before: its calls end, and
+        the client's next connection is refused at the handshake."""
+        closed = 0
+        for transport in list(self.grpc.connections):
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            if der is not None and certificate_refused(der):
+                transport.close()
+                closed += 1
+        return closed
 
     async def start(self) -> None:
         # Bind ourselves so the chosen port is known without reaching into grpclib internals.

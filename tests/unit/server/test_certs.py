@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import os
 import ssl
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from typer.testing import CliRunner
 
 from dcl.cli.main import app
 from dcl.membership.crypto import MAX_KEYS
-from dcl.server.certs import PkiFiles, generate_pki
+from dcl.server.certs import LOCK_NAME, PkiFiles, generate_pki, renew_node_certificates
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -206,3 +209,79 @@ def test_cli_gossip_key_add_use_remove_names_keys_by_fingerprint_only(tmp_path: 
     pki.gossip_key.write_text(pki.gossip_key.read_text() + "garbage\n")
     damaged = runner.invoke(app, ["certs", "gossip-key", "list", path])
     assert damaged.exit_code == 1 and f"line {MAX_KEYS + 2}" in damaged.output
+
+
+def test_a_ca_rotation_begun_but_cut_short_before_the_key_is_noticed_and_redone(
+    tmp_path: Path,
+) -> None:
+    """begin writes ca.pem, then ca-key.pem: cut short in between, the old CA still signs.
+    finish must not then claim the rotation done (it would write the old CA back alone),
+    and begin run again replaces the CA whose key was lost."""
+    runner = CliRunner()
+    pki = generate_pki(tmp_path / "pki")
+    target = str(pki.directory)
+    old_ca, old_key = load(pki.ca_cert), pki.ca_key.read_bytes()
+    assert runner.invoke(app, ["certs", "rotate-ca", "begin", target]).exit_code == 0
+    keyless = x509.load_pem_x509_certificates(pki.ca_cert.read_bytes())[1]
+    pki.ca_key.write_bytes(old_key)  # as if the key had never been written
+
+    cut = runner.invoke(app, ["certs", "rotate-ca", "finish", target])
+    assert cut.exit_code == 1 and "was cut short; run it again" in cut.output
+    again = runner.invoke(app, ["certs", "rotate-ca", "begin", target])
+    assert again.exit_code == 0, again.output
+    assert "whose key was never written" in again.output
+    first, new_ca = x509.load_pem_x509_certificates(pki.ca_cert.read_bytes())
+    assert first == old_ca and new_ca not in (old_ca, keyless)
+    assert runner.invoke(app, ["certs", "renew", target]).exit_code == 0
+    load(pki.server_cert).verify_directly_issued_by(new_ca)
+
+
+def test_a_ca_rotation_refuses_files_it_did_not_write_and_names_a_damaged_one(
+    tmp_path: Path,
+) -> None:
+    runner = CliRunner()
+    pki = generate_pki(tmp_path / "pki")
+    target = str(pki.directory)
+    extra = generate_pki(tmp_path / "extra")
+    listed = pki.ca_cert.read_bytes()
+    pki.ca_cert.write_bytes(listed + extra.ca_cert.read_bytes() + extra.ca_cert.read_bytes())
+    three = runner.invoke(app, ["certs", "rotate-ca", "begin", target])
+    assert three.exit_code == 1 and "lists 3 CAs" in three.output
+    pki.ca_cert.write_bytes(listed)
+
+    assert runner.invoke(app, ["certs", "rotate-ca", "begin", target]).exit_code == 0
+    assert runner.invoke(app, ["certs", "renew", target]).exit_code == 0
+    for name in ("root", "nobody"):
+        assert runner.invoke(app, ["certs", "client", target, name, "--force"]).exit_code == 0
+    (pki.directory / "carol-client.pem").write_text("not a certificate\n")
+    damaged = runner.invoke(app, ["certs", "rotate-ca", "finish", target])
+    assert damaged.exit_code == 1
+    assert "carol-client.pem" in damaged.output and "or remove them" in damaged.output
+    (pki.directory / "carol-client.pem").unlink()
+    assert runner.invoke(app, ["certs", "rotate-ca", "finish", target]).exit_code == 0
+
+
+def test_dcl_certs_commands_on_one_directory_run_one_at_a_time(tmp_path: Path) -> None:
+    """While one command holds the directory's lock, another waits for it instead of
+    interleaving its writes (two rotations at once could orphan a CA's key)."""
+    pki = generate_pki(tmp_path / "pki")
+    before = pki.server_cert.read_bytes()
+    fd = os.open(pki.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another command, mid-way
+        done = threading.Event()
+
+        def renew() -> None:
+            renew_node_certificates(pki.directory)
+            done.set()
+
+        worker = threading.Thread(target=renew)
+        worker.start()
+        assert not done.wait(0.5)
+        assert pki.server_cert.read_bytes() == before
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        assert done.wait(10)
+        worker.join()
+    finally:
+        os.close(fd)
+    assert pki.server_cert.read_bytes() != before
