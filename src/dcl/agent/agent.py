@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from dcl.membership import (
     JoinFailed,
     Membership,
     SwimConfig,
+    key_fingerprint,
     load_keyring,
     parse_addr,
 )
@@ -63,6 +64,16 @@ log = logging.getLogger(__name__)
 
 #: While not yet admitted to Raft, re-join the gossip seeds this often (heals split views).
 _REJOIN_SECONDS = 5.0
+
+
+def _check_keyring_overlap(in_use: Sequence[str], keys: Sequence[bytes]) -> None:
+    """A keyring sharing no key with the one in use would cut this node off from every
+    member that has not reloaded yet: refused (change keys with `dcl certs gossip-key`)."""
+    if in_use and not set(in_use) & {key_fingerprint(key) for key in keys}:
+        raise InvalidGossipKey(
+            f"the gossip key file shares no key with the keys in use ({', '.join(in_use)}): "
+            "members would stop hearing each other until every one reloaded; add the new "
+            "key beside the old one first (dcl certs gossip-key add), or restart")
 
 
 class ReloadFailed(Exception):
@@ -209,9 +220,12 @@ class Agent:
             gossip_keys = (load_keyring(cfg.gossip_key_file)
                            if cfg.gossip_key_file is not None and self.membership is not None
                            else None)
-            dropped = {use: ca_certificates(self._ca_files[use]) - ca_certificates(files.ca)
-                       for use, files in (("server", server), ("peer", peer))
-                       if use in self._ca_files}
+            if gossip_keys is not None and self.membership is not None:
+                _check_keyring_overlap(self.membership.key_fingerprints, gossip_keys)
+            # Per CA file: (CAs taken out, CAs it still lists).
+            cas = {use: (ca_certificates(self._ca_files[use]), ca_certificates(files.ca))
+                   for use, files in (("server", server), ("peer", peer))
+                   if use in self._ca_files}
         except (CertificateError, AclError, InvalidGossipKey) as exc:
             self.reloads["error"] += 1
             raise ReloadFailed(str(exc)) from None
@@ -226,25 +240,18 @@ class Agent:
             self.reloads["error"] += 1
             raise ReloadFailed(f"building contexts from the checked certificates failed: "
                                f"{exc}") from None
+        # Then every swap, none of which can fail: contexts, gossip keys, ACL.
         for live, context in fresh:
             live.use(context)
         self._ca_files = {"server": server.ca, "peer": peer.ca}
-        # What a CA no longer trusted vouched for goes too: a connection to our port with
-        # a certificate it signed (server CA file), and our streams to peers (peer CA file;
-        # redialled, so each handshake is checked again).
-        if dropped.get("server"):
-            closed = self.server.close_connections(
-                lambda der: issued_by_any(der, dropped["server"]))
-            log.warning("reload: closed %d connections whose certificate a CA taken out of "
-                        "the CA file signed", closed)
-        if dropped.get("peer"):
-            self._transport.redial()
-            log.warning("reload: a CA was taken out of the peer CA file; peer streams "
-                        "redialled")
         if gossip_keys is not None and self.membership is not None:
             self.membership.set_keys(gossip_keys)
         if self._authorizer is not None:
             self._authorizer.adopt(acl)
+        try:
+            self._drop_what_untrusted_cas_vouched_for(cas)
+        except Exception:  # the reload itself took effect: say what did not
+            log.exception("reload: closing connections of CAs taken out failed")
         self.certificate_validity = {"server": (server.not_before, server.not_after),
                                      "peer": (peer.not_before, peer.not_after)}
         self.reloads["ok"] += 1
@@ -253,6 +260,25 @@ class Agent:
                  "until %s, gossip sealing with %s, opening with %s",
                  format_utc(server.not_after), format_utc(peer.not_after),
                  fingerprints[0] if fingerprints else "-", ", ".join(fingerprints) or "-")
+
+    def _drop_what_untrusted_cas_vouched_for(
+        self, cas: Mapping[str, tuple[frozenset[bytes], frozenset[bytes]]],
+    ) -> None:
+        """A CA taken out of a CA file vouched for connections that are still open: close
+        those to our port whose certificate it signed and no CA still listed did (server
+        CA file), and redial our streams to peers (peer CA file), so each handshake is
+        checked against the CAs trusted now."""
+        before, now = cas.get("server", (frozenset(), frozenset()))
+        if removed := before - now:
+            closed = self.server.close_connections(
+                lambda der: issued_by_any(der, removed) and not issued_by_any(der, now))
+            log.warning("reload: closed %d connections whose certificate only a CA taken "
+                        "out of the CA file signed", closed)
+        before, now = cas.get("peer", (frozenset(), frozenset()))
+        if before - now:
+            self._transport.redial()
+            log.warning("reload: a CA was taken out of the peer CA file; peer streams "
+                        "redialled")
 
     async def shutdown(self) -> None:
         await self._leave_gossip()

@@ -7,7 +7,7 @@ import enum
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -150,8 +150,7 @@ def _read_keyring(path: Path) -> list[bytes]:
     try:
         return list(load_keyring(path))
     except InvalidGossipKey as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+        _fail(exc)
 
 
 def _find(keys: list[bytes], fingerprint: str, path: Path) -> int:
@@ -188,7 +187,15 @@ def _edit_keyring(path: Path, change: Callable[[list[bytes]], list[bytes]]) -> N
     def edit(_directory: object) -> None:
         _write_keyring(path, change(_read_keyring(path)))
 
-    one_at_a_time(edit)(path.parent)
+    try:
+        one_at_a_time(edit)(path.parent)
+    except OSError as exc:  # the lock file or the new key file, say, not writable
+        _fail(exc)
+
+
+def _fail(exc: Exception) -> NoReturn:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code=1) from None
 
 
 @gossip_app.command("add")

@@ -273,8 +273,8 @@ def one_at_a_time(
     def locked(directory: _Dir, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             fd = os.open(Path(directory) / LOCK_NAME,
-                         os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except FileNotFoundError:  # no such directory: func says so (or creates it)
+                         os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except FileNotFoundError:  # no such directory: func says so
             return func(directory, *args, **kwargs)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -285,7 +285,6 @@ def one_at_a_time(
     return locked
 
 
-@one_at_a_time
 def generate_pki(
     directory: str | os.PathLike[str],
     hosts: Iterable[str] = (),
@@ -298,8 +297,14 @@ def generate_pki(
     127.0.0.1. Refuses (FileExistsError, before writing anything) to overwrite existing files
     unless ``force``: silently replacing a CA would orphan every certificate it signed.
     """
+    Path(directory).mkdir(parents=True, exist_ok=True)  # so that it can be locked
+    return _generate_pki(directory, hosts, force=force)
+
+
+@one_at_a_time
+def _generate_pki(directory: str | os.PathLike[str], hosts: Iterable[str], *,
+                  force: bool) -> PkiFiles:
     files = PkiFiles(Path(directory))
-    files.directory.mkdir(parents=True, exist_ok=True)
     existing = [p for p in files.all() if p.exists()]
     if existing and not force:
         names = ", ".join(p.name for p in existing)

@@ -116,11 +116,16 @@ class _Peer:
                 return
             queued, self.queue = self.queue, []
             src_addr = self._transport.local_addr
+            sent = 0
             for run in runs_within(queued, payload_bytes, BATCH_BYTES):
+                if self._transport.generation != generation:  # redialled mid-way
+                    self.queue[:0] = queued[sent:]
+                    return
                 out = raft_pb2.RaftBatch()
                 for m in run:
                     encode_message_into(out.messages.add(), m, src_addr)
                 await stream.send_message(out)
+                sent += len(run)
 
 
 class GrpcTransport:

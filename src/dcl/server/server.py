@@ -166,19 +166,20 @@ def _action_for(method: str, actions: Mapping[str, ActionRule]) -> ActionRule:
 
 
 class _CorkedH2Protocol(H2Protocol):
-    def __init__(self, base: H2Protocol, connections: set[asyncio.BaseTransport]) -> None:
+    def __init__(self, base: H2Protocol, connections: set[asyncio.Transport]) -> None:
         super().__init__(base.handler, base.config, base.h2_config)
         self._connections = connections
-        self._transport: asyncio.BaseTransport | None = None
+        self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        self._connections.add(transport)
-        corked = CorkedTransport(cast(asyncio.Transport, transport))
+        self._transport = cast(asyncio.Transport, transport)
+        self._connections.add(self._transport)
+        corked = CorkedTransport(self._transport)
         super().connection_made(cast(asyncio.BaseTransport, corked))  # duck-typed wrapper
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._connections.discard(cast(asyncio.BaseTransport, self._transport))
+        if self._transport is not None:
+            self._connections.discard(self._transport)
         super().connection_lost(exc)
 
 
@@ -189,7 +190,7 @@ class _CorkedServer(Server):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.connections: set[asyncio.BaseTransport] = set()
+        self.connections: set[asyncio.Transport] = set()
 
     def _protocol_factory(self) -> H2Protocol:
         return _CorkedH2Protocol(super()._protocol_factory(), self.connections)
@@ -312,7 +313,9 @@ class DclServer:
             ssl_object = transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             if der is not None and certificate_refused(der):
-                transport.close()
+                # abort, not close: a TLS close waits (up to 30 s) for a client that may
+                # never answer, and grpclib's calls on it run until then.
+                transport.abort()
                 closed += 1
         return closed
 

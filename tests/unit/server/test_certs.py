@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from dcl.cli.main import app
-from dcl.membership.crypto import MAX_KEYS
+from dcl.membership.crypto import MAX_KEYS, load_keyring
 from dcl.server.certs import LOCK_NAME, PkiFiles, generate_pki, renew_node_certificates
 
 pytestmark = pytest.mark.timeout(30)
@@ -184,23 +184,35 @@ def test_cli_gossip_key_add_use_remove_names_keys_by_fingerprint_only(tmp_path: 
         assert listed.exit_code == 0, listed.output
         return [(fp, role) for fp, role in (line.split() for line in listed.stdout.splitlines())]
 
+    outputs: list[str] = []
+
+    def run(*args: str) -> Result:
+        result = runner.invoke(app, ["certs", "gossip-key", *args])
+        outputs.append(result.output)
+        return result
+
     ((old, role),) = roles()
-    assert role == "primary" and old not in pki.gossip_key.read_text()  # no key shown
-    added = runner.invoke(app, ["certs", "gossip-key", "add", path])
+    assert role == "primary"
+    added = run("add", path)
     assert added.exit_code == 0, added.output
+    both = load_keyring(pki.gossip_key)
     listed = roles()
     new = listed[1][0]
     assert listed == [(old, "primary"), (new, "secondary")]
     assert stat.S_IMODE(pki.gossip_key.stat().st_mode) == 0o600
 
-    primary = runner.invoke(app, ["certs", "gossip-key", "remove", path, old])
+    primary = run("remove", path, old)
     assert primary.exit_code == 1 and "is the primary key" in primary.output
-    unknown = runner.invoke(app, ["certs", "gossip-key", "use", path, "0123456789abcdef"])
+    unknown = run("use", path, "0123456789abcdef")
     assert unknown.exit_code == 1 and "no key with fingerprint" in unknown.output
-    assert runner.invoke(app, ["certs", "gossip-key", "use", path, new]).exit_code == 0
+    assert run("use", path, new).exit_code == 0
     assert roles() == [(new, "primary"), (old, "secondary")]
-    assert runner.invoke(app, ["certs", "gossip-key", "remove", path, old]).exit_code == 0
+    assert run("remove", path, old).exit_code == 0
     assert roles() == [(new, "primary")]
+    # Keys are named by fingerprint only: no output ever showed one.
+    shown = "".join(outputs)
+    for key in both:
+        assert key.hex() not in shown and key.hex()[:16] not in shown
 
     for _ in range(MAX_KEYS - 1):
         assert runner.invoke(app, ["certs", "gossip-key", "add", path]).exit_code == 0

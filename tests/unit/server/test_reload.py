@@ -16,7 +16,14 @@ from cryptography import x509
 
 from dcl.server.acl import AclError, Authorizer
 from dcl.server.certs import LOCK_NAME, PkiFiles, generate_pki, renew_node_certificates
-from dcl.tls import CertificateError, TlsFiles, client_context, server_context
+from dcl.tls import (
+    CertificateError,
+    TlsFiles,
+    ca_certificates,
+    client_context,
+    issued_by_any,
+    server_context,
+)
 
 
 @pytest.fixture
@@ -302,3 +309,22 @@ def test_a_renewal_over_damaged_files_names_the_file_and_writes_nothing(
     with pytest.raises(ValueError, match=f"{damaged}: not what dcl certs init wrote"):
         renew_node_certificates(pki.directory)
     assert {f: f.read_bytes() for f in before} == before
+
+
+def test_issued_by_any_matches_only_the_ca_that_signed_a_certificate_itself(
+    pki: PkiFiles, tmp_path: Path,
+) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    other = generate_pki(tmp_path / "other")
+    ours, theirs = ca_certificates(pki.ca_cert.read_bytes()), ca_certificates(
+        other.ca_cert.read_bytes())
+    leaf = x509.load_pem_x509_certificate(pki.root_client_cert.read_bytes())
+    der = leaf.public_bytes(Encoding.DER)
+    assert issued_by_any(der, ours) and issued_by_any(der, ours | theirs)
+    assert not issued_by_any(der, theirs) and not issued_by_any(der, ())
+    assert not issued_by_any(b"not a certificate", ours)
+    # A CA certificate issues nothing to itself through this check's eyes but its own.
+    assert issued_by_any(next(iter(ours)), ours) and not issued_by_any(next(iter(ours)), theirs)
+    with pytest.raises(CertificateError):
+        ca_certificates(b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
