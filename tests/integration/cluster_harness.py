@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -115,6 +116,8 @@ class NodeProcess:
     gossip_port: int = field(default_factory=node_port)
     #: Loopback address every socket of the node binds to ("::1": IPv6 only).
     host: str = "127.0.0.1"
+    #: RLIMIT_NOFILE (soft and hard) of the process; None: inherited.
+    open_files: int | None = None
 
     @property
     def gossip_addr(self) -> str:
@@ -158,7 +161,11 @@ class NodeProcess:
             self._log.close()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        limit = self.open_files
+        self.proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=None if limit is None else (
+                lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))))
 
     @property
     def running(self) -> bool:

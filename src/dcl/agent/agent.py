@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from dcl.addresses import join_host_port, split_host_port
+from dcl.addresses import ConnectionCap, join_host_port, split_host_port
 from dcl.agent.membership import RPC_ADDR_TAG, MembershipReconciler
 from dcl.agent.metrics import NodeMetrics
 from dcl.api.dcl.v1 import admin_grpc, admin_pb2, raft_pb2
@@ -44,7 +45,7 @@ from dcl.server.acl import AclError, Action, Authorizer
 from dcl.server.metrics_http import MetricsServer
 from dcl.server.raft_transport import AdminService, GrpcTransport, RaftService
 from dcl.server.replicated import LogFsm, ReplicatedBackend, Retention, encode_address_cmd
-from dcl.server.server import DclServer, build_server
+from dcl.server.server import HANDSHAKE_TIMEOUT_SECONDS, DclServer, build_server
 from dcl.storage import LogConfig
 from dcl.tls import (
     CertificateError,
@@ -64,6 +65,15 @@ log = logging.getLogger(__name__)
 
 #: While not yet admitted to Raft, re-join the gossip seeds this often (heals split views).
 _REJOIN_SECONDS = 5.0
+
+
+def default_max_connections() -> int:
+    """Half the process's open-file limit (at most 65536): the other half stays for the
+    node's own files (segments, snapshots), its peer dials and gossip."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 65536
+    return max(16, min(65536, soft // 2))
 
 
 def _check_keyring_overlap(in_use: Sequence[str], keys: Sequence[bytes]) -> None:
@@ -144,6 +154,14 @@ class AgentConfig:
     #: Port of the metrics endpoint (GET /metrics, mutual TLS, on `rpc_host`); None: off,
     #: 0: a free port (tests).
     metrics_port: int | None = None
+    #: Connections the RPC port holds open at once, counted from accept (0: half of the
+    #: process's open-file limit, at most 65536), and from one host (0: no such cap).
+    #: Past either, a new connection is closed unread: a flood of connections that send
+    #: nothing would otherwise use up the descriptors the node needs for its own files.
+    max_connections: int = 0
+    max_connections_per_host: int = 0
+    #: Seconds a new connection has to finish its TLS handshake.
+    tls_handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS
     #: Peer node id -> host:port to dial for Raft traffic instead of the peer's advertised
     #: address (a fault-injecting proxy in tests/chaos); clients still see the real address.
     peer_dial_overrides: dict[str, str] = field(default_factory=dict)
@@ -383,8 +401,15 @@ class Agent:
             extra_handlers=[RaftService(self.driver, self._learn_address), self.admin],
             extra_actions={"/dcl.v1.Raft/Send": Action.PEER},
             peer_message_types=[raft_pb2.RaftBatch],
+            connection_cap=ConnectionCap(cfg.max_connections or default_max_connections(),
+                                         cfg.max_connections_per_host),
+            handshake_timeout=cfg.tls_handshake_timeout,
         )
         await self.server.start()
+        cap = self.server.connection_cap
+        log.info("rpc port takes at most %d connections (%s per host); TLS handshakes "
+                 "within %.1f s", cap.total, cap.per_host or "no cap",
+                 cfg.tls_handshake_timeout)
         self._undo.append(self.server.close)
         if cfg.metrics_port is not None:
             self.metrics = NodeMetrics(cfg.node_name, self.driver, self.backend, self.server,

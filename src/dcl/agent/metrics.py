@@ -142,6 +142,16 @@ class NodeMetrics:
         yield gauge("dcl_log_segments", "Segments of the commit log.", segments)
         yield gauge("dcl_rpc_active_calls", "Calls inside a handler (open streams included).",
                     self._server.active_calls)
+        cap = self._server.connection_cap
+        yield gauge("dcl_rpc_connections",
+                    "Connections open on the RPC port, counted from accept (before TLS).",
+                    cap.open)
+        yield gauge("dcl_rpc_connections_max", "Connections the RPC port holds at most.",
+                    cap.total)
+        yield Family("dcl_rpc_connections_refused_total", "counter",
+                     "Connections closed at accept since start, by the cap that was full "
+                     "(total, or per_host).", ("cap",),
+                     [("", (name,), n) for name, n in sorted(cap.refused.items())])
 
 
 def _counter(name: str, help_text: str, value: float) -> Family:

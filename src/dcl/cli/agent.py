@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ _KEYS = (
     "raft_retain_bytes", "raft_log_memory_bytes", "segment_bytes", "retention_bytes",
     "retention_ms", "log_level",
     "peer_dial_overrides", "insecure_gossip", "commit_announce_ms", "metrics_port",
+    "max_connections", "max_connections_per_host", "tls_handshake_timeout_ms",
 )
 _REQUIRED_FILES = (
     "acl_model_file", "acl_policy_file", "server_tls_cert_file", "server_tls_key_file",
@@ -149,6 +151,9 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         log_level=str(merged.get("log_level", "INFO")),
         commit_announce_seconds=announce_ms / 1000,
         metrics_port=metrics_port or None,
+        max_connections=count("max_connections", 0),
+        max_connections_per_host=count("max_connections_per_host", 0),
+        tls_handshake_timeout=count("tls_handshake_timeout_ms", 10_000, least=1) / 1000,
     )
 
 
@@ -175,9 +180,26 @@ def _dial_overrides(raw: Any) -> dict[str, str]:
     return overrides
 
 
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise this process's soft open-file limit to its hard limit (as the Go runtime does
+    for every program), and return (before, after). The soft limit is often 1024: a node
+    holds a descriptor per connection and per segment file, and the connection cap is
+    sized from it (`default_max_connections`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
 async def run_agent(config: AgentConfig) -> None:
     """Run until SIGTERM/SIGINT; a second signal exits at once. SIGHUP reloads the
     certificate and ACL files (see Agent.reload)."""
+    limits = raise_open_file_limit()
     agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -208,6 +230,8 @@ async def run_agent(config: AgentConfig) -> None:
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     await agent.start()
     started = True
+    if limits[1] != limits[0]:
+        log.info("open-file limit raised from %d to %d", *limits)
     if reload_asked:
         on_reload()
     typer.echo(f"node {config.node_name} serving on {config.rpc_addr} "
@@ -286,6 +310,18 @@ def agent(
         "Serve Prometheus metrics at https://HOST:PORT/metrics (HOST: --bind-addr's), with the "
         "server certificate; scrapers need a client certificate the ACL grants 'metrics' or "
         "'admin'. 0 (the default): no endpoint.")] = None,
+    max_connections: Annotated[int | None, _opt(
+        "max_connections",
+        "Connections the RPC port holds open at once, counted from accept; past it new ones "
+        "are closed unread. 0 (the default): half the open-file limit, at most 65536.")] = None,
+    max_connections_per_host: Annotated[int | None, _opt(
+        "max_connections_per_host",
+        "The same, from one host (as Kafka's max.connections.per.ip). 0 (the default): no "
+        "such cap.")] = None,
+    tls_handshake_timeout_ms: Annotated[int | None, _opt(
+        "tls_handshake_timeout_ms",
+        "Milliseconds a new connection has to finish its TLS handshake; default 10000.")
+    ] = None,
     log_level: Annotated[str | None, _opt("log_level", "DEBUG, INFO, WARNING...")] = None,
     peer_dial_overrides: Annotated[list[str] | None, typer.Option(
         "--peer-dial-override", envvar="DCL_PEER_DIAL_OVERRIDES",

@@ -68,7 +68,8 @@ def _unreachable(exc: Unavailable, addrs: Sequence[str]) -> str:
         # With TLS 1.3 the server checks the client certificate after the client considers
         # the handshake done, so a rejected certificate looks like a dropped connection.
         return (f"{where} closed the connection: the cluster does not accept this client "
-                "certificate (is --cert-file signed by the cluster's CA?)")
+                "certificate (is --cert-file signed by the cluster's CA?), or it holds as "
+                "many connections as it takes (see dcl_rpc_connections)")
     if isinstance(cause, ConnectionRefusedError):
         return (f"cannot reach the cluster at {where}: connection refused "
                 "(is it running? `make run` starts a local one)")

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from dcl.addresses import split_host_port
+from dcl.addresses import ConnectionCap, split_host_port, tcp_listener
 from dcl.membership import wire
 from dcl.membership.crypto import AAD_TCP, AAD_UDP, PacketSealer
 from dcl.membership.errors import (
@@ -46,6 +46,10 @@ EventHandler = Callable[[MemberEvent], Awaitable[None] | None]
 _LEN = struct.Struct(">I")
 MAX_PUSH_PULL_FRAME = 8 * 1024 * 1024
 _BIND_ATTEMPTS = 20
+
+
+#: Push-pull (TCP) connections a node serves at once; more are closed at accept.
+GOSSIP_TCP_CONNECTIONS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +171,14 @@ class Membership:
         # Port 0: TCP picks a free port and UDP must get the same number, which another
         # process may hold; retry with a fresh port a bounded number of times.
         for _ in range(_BIND_ATTEMPTS if port == 0 else 1):
-            tcp = await asyncio.start_server(self._serve_push_pull, host, port,
-                                             reuse_address=True)
+            # Capped: push-pulls are few and short (tcp_timeout), and a flood of
+            # connections that send nothing must not use up the node's descriptors.
+            sock = tcp_listener(host, port, 128, ConnectionCap(GOSSIP_TCP_CONNECTIONS))
+            try:
+                tcp = await asyncio.start_server(self._serve_push_pull, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
             bound = tcp.sockets[0].getsockname()
             try:
                 udp, _ = await loop.create_datagram_endpoint(

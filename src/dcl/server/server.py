@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -27,7 +28,7 @@ from grpclib.health.service import OVERALL, Health
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
-from dcl.addresses import join_host_port, tcp_listener
+from dcl.addresses import ConnectionCap, join_host_port, tcp_listener
 from dcl.errors import Unavailable
 from dcl.metrics import Counter, Histogram, HistogramChild
 from dcl.server.acl import Action, Authorizer
@@ -77,6 +78,14 @@ DEADLINE_SLACK_SHARE = 0.2
 
 #: How long DclServer.close waits for the calls it cancelled to end.
 CLOSE_TIMEOUT_SECONDS = 5.0
+
+#: Seconds a new connection has to finish its TLS handshake (asyncio's default is 60: a
+#: connection that sends nothing would hold its socket that long).
+HANDSHAKE_TIMEOUT_SECONDS = 10.0
+
+#: Open connections a server takes when not told (the agent sizes it from its descriptor
+#: limit): past it, new ones are closed at accept.
+DEFAULT_MAX_CONNECTIONS = 1024
 
 #: Room for protobuf framing around a maximum-size record.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
@@ -195,6 +204,19 @@ class _CorkedServer(Server):
     def _protocol_factory(self) -> H2Protocol:
         return _CorkedH2Protocol(super()._protocol_factory(), self.connections)
 
+    async def serve(self, sock: socket.socket, ssl_context: ssl.SSLContext,
+                    handshake_timeout: float) -> None:
+        """grpclib's `start` on our socket, with a TLS handshake timeout (grpclib passes
+        none, and asyncio's default lets a silent connection hold its socket for 60 s).
+        Sets the two attributes grpclib's start sets; grpclib is pinned to a minor range."""
+        if self._server is not None:
+            raise RuntimeError("server is already started")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol_factory, sock=sock, ssl=ssl_context,
+            ssl_handshake_timeout=handshake_timeout)
+        self._server_closed_fut = loop.create_future()
+
 
 class DclServer:
     """A started-on-demand grpclib server on host:port (port 0 picks a free port)."""
@@ -210,7 +232,12 @@ class DclServer:
         max_message_bytes: int = (4 << 20) + MESSAGE_OVERHEAD_BYTES,
         method_actions: Mapping[str, ActionRule] | None = None,
         type_limits: Mapping[type, int] | None = None,
+        connection_cap: ConnectionCap | None = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
     ):
+        """``connection_cap``: how many connections may be open at once, in all and from
+        one host (see dcl.addresses.ConnectionCap); ``handshake_timeout``: seconds a new
+        connection has to finish its TLS handshake."""
         actions = {**METHOD_ACTIONS, **SERVICE_ACTIONS, **(method_actions or {})}
         self._authorizer = authorizer
         self._calls: dict[asyncio.Task[Any], str] = {}  # running call -> its method
@@ -232,6 +259,8 @@ class DclServer:
                     spec.func, _action_for(method, actions), method, timer)
         self._ssl_context = ssl_context
         self._host = host
+        self.connection_cap = connection_cap or ConnectionCap(DEFAULT_MAX_CONNECTIONS)
+        self._handshake_timeout = handshake_timeout
         #: Seconds close() waits for cancelled calls to end.
         self.close_timeout = CLOSE_TIMEOUT_SECONDS
         #: After close(): methods of calls that were still running when it gave up on them
@@ -321,9 +350,9 @@ class DclServer:
 
     async def start(self) -> None:
         # Bind ourselves so the chosen port is known without reaching into grpclib internals.
-        sock = tcp_listener(self._host, self._requested_port, 128)
+        sock = tcp_listener(self._host, self._requested_port, 128, self.connection_cap)
         try:
-            await self.grpc.start(sock=sock, ssl=self._ssl_context)
+            await self.grpc.serve(sock, self._ssl_context, self._handshake_timeout)
         except BaseException:
             sock.close()
             raise
@@ -396,6 +425,8 @@ def build_server(
     extra_actions: Mapping[str, ActionRule] | None = None,
     peer_message_types: Iterable[type] = (),
     health_check_ttl: float = 0.5,
+    connection_cap: ConnectionCap | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
 ) -> DclServer:
     """The standard node server: log.v1.Log, dcl.v1.Batch and grpc.health.v1 over backend.
 
@@ -423,4 +454,6 @@ def build_server(
         max_message_bytes=client_limit,
         method_actions=extra_actions,
         type_limits={t: client_limit + PEER_MESSAGE_HEADROOM_BYTES for t in peer_message_types},
+        connection_cap=connection_cap,
+        handshake_timeout=handshake_timeout,
     )

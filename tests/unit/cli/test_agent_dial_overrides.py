@@ -1,9 +1,13 @@
 """`dcl agent` options that reach the agent: `--peer-dial-override ID=HOST:PORT` (flags, env,
-YAML) reaches the Raft transport; `--commit-announce-ms` is checked and kept."""
+YAML) reaches the Raft transport; `--commit-announce-ms`, sizes and connection limits are
+checked and kept; the open-file limit is raised."""
 
 from __future__ import annotations
 
+import resource
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,7 +100,9 @@ def test_retention_is_off_unless_given_and_passed_on_in_bytes_and_seconds(
 
 @pytest.mark.parametrize("key", ["raft_log_memory_bytes", "snapshot_log_bytes",
                                  "raft_retain_bytes", "segment_bytes", "snapshot_threshold",
-                                 "retention_bytes", "retention_ms", "metrics_port"])
+                                 "retention_bytes", "retention_ms", "metrics_port",
+                                 "max_connections", "max_connections_per_host",
+                                 "tls_handshake_timeout_ms"])
 @pytest.mark.parametrize("value", [-1, "lots", 1.5])
 def test_a_bad_size_is_refused_in_one_line(
     pki: PkiFiles, key: str, value: object, capsys: pytest.CaptureFixture[str]
@@ -106,7 +112,7 @@ def test_a_bad_size_is_refused_in_one_line(
     with pytest.raises(typer.Exit):
         build_config({**files(pki), key: value}, None)
     err = capsys.readouterr().err
-    least = 1 if key == "segment_bytes" else 0
+    least = 1 if key in ("segment_bytes", "tls_handshake_timeout_ms") else 0
     assert f"--{key.replace('_', '-')} must be a whole number, {least} or more" in err
 
 
@@ -164,3 +170,29 @@ def test_a_malformed_address_is_refused_in_one_line(
     assert len(err.splitlines()) == 1
     assert err.startswith(f"error: --{key.replace('_', '-')}: not a host:port address")
     assert "[::1]:8400" in err
+
+
+def test_connection_limits_default_to_the_descriptor_budget_and_take_flags(
+    pki: PkiFiles, tmp_path: Path
+) -> None:
+    config = build_config(files(pki), None)
+    assert (config.max_connections, config.max_connections_per_host) == (0, 0)  # 0: sized
+    assert config.tls_handshake_timeout == 10.0
+    yml = tmp_path / "node.yaml"
+    yml.write_text("max-connections: 5000\nmax-connections-per-host: 100\n"
+                   "tls-handshake-timeout-ms: 2500\n")
+    config = build_config(files(pki), yml)
+    assert (config.max_connections, config.max_connections_per_host) == (5000, 100)
+    assert config.tls_handshake_timeout == 2.5
+
+
+def test_an_agent_raises_its_open_file_limit_and_sizes_its_connection_cap_from_it() -> None:
+    """In a child with soft 256 / hard 1024 descriptors (the common soft 1024 in small)."""
+    code = ("from dcl.cli.agent import raise_open_file_limit\n"
+            "from dcl.agent.agent import default_max_connections\n"
+            "print(*raise_open_file_limit(), default_max_connections())\n")
+    ran = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024)))
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ["256", "1024", "512"]
