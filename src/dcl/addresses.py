@@ -7,9 +7,10 @@ socket is never handed a host with its brackets still on.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
-import time
+import weakref
 from typing import Any
 
 __all__ = ["ConnectionCap", "join_host_port", "split_host_port", "tcp_listener"]
@@ -53,15 +54,19 @@ class ConnectionCap:
     """At most `total` connections open at once on a listening socket, and at most
     `per_host` from one address (0: no such cap), counted from accept.
 
-    Every connection holds a file descriptor from accept on, before TLS or any byte: a
-    host that opens connections and sends nothing would otherwise use up the process's
-    descriptors, and the node then fails to open its own files and stops. Past a cap a
-    connection is closed at once, unread, which costs no TLS work.
-    """
+    Every connection holds a file descriptor from accept on, before TLS or any byte (and,
+    once asyncio starts TLS on it, a 256 KiB buffer): a host that opens connections and
+    sends nothing would otherwise use up the process's descriptors, and the node then
+    fails to open its own files and stops.
 
-    #: A full cap looks for connections closed since at most this often: pruning is
-    #: O(open), and a flood must not turn every refused accept into such a pass.
-    PRUNE_SECONDS = 0.1
+    When the cap is full, the oldest connection that has not yet been `established` (its
+    TLS handshake not finished: a legitimate one takes milliseconds) is cut to make room;
+    only when every open connection is established is the new one refused. So a flood of
+    silent connections cannot lock peers and clients out: each new one displaces the
+    flood's oldest. Past `per_host`, a host's new connection is refused. A refused
+    connection is closed unread, which costs no TLS work. Counts are exact: an accepted
+    socket gives its place back when it is closed (or collected).
+    """
 
     def __init__(self, total: int, per_host: int = 0) -> None:
         if total < 1 or per_host < 0:
@@ -69,61 +74,106 @@ class ConnectionCap:
                              f"not {total}, {per_host}")
         self.total = total
         self.per_host = per_host
-        #: Connections refused since start, by the cap that refused them.
-        self.refused = {"total": 0, "per_host": 0}
-        self._open: list[tuple[socket.socket, str]] = []
+        #: Connections shed since start: `evicted` (cut before its handshake finished, to
+        #: make room), `total` and `per_host` (refused at accept by that cap).
+        self.shed = {"evicted": 0, "total": 0, "per_host": 0}
+        self._open = 0
         self._by_host: dict[str, int] = {}
-        self._pruned_at = float("-inf")
+        # Accepted and not yet established, oldest first: fd -> the socket, weakly (the
+        # transport owns it).
+        self._pending: dict[int, weakref.ref[socket.socket]] = {}
 
     @property
     def open(self) -> int:
         """Connections accepted and not yet closed."""
-        self._prune()
-        return len(self._open)
+        return self._open
 
     def admit(self, conn: socket.socket, host: str) -> bool:
-        """Count ``conn`` (from ``host``) in, or say it is one too many."""
-        over = self._over(host)
-        if over and time.monotonic() - self._pruned_at >= self.PRUNE_SECONDS:
-            self._prune()
-            over = self._over(host)
-        if over:
-            self.refused[over] += 1
+        """Count ``conn`` (from ``host``) in, cutting the oldest pending connection if the
+        cap is full, or say it is one too many (the caller closes it)."""
+        if self.per_host and self._by_host.get(host, 0) >= self.per_host:
+            self.shed["per_host"] += 1
             return False
-        self._open.append((conn, host))
+        if self._open >= self.total and not self._evict_oldest_pending():
+            self.shed["total"] += 1
+            return False
+        self._open += 1
         self._by_host[host] = self._by_host.get(host, 0) + 1
+        self._pending[conn.fileno()] = weakref.ref(conn)
+        # Given back once, whichever comes first: close() or collection.
+        conn._release = weakref.finalize(conn, self._release, host, conn.fileno())  # type: ignore[attr-defined]
         return True
 
-    def _over(self, host: str) -> str | None:
-        if len(self._open) >= self.total:
-            return "total"
-        if self.per_host and self._by_host.get(host, 0) >= self.per_host:
-            return "per_host"
-        return None
+    def established(self, fd: int) -> None:
+        """The connection on ``fd`` finished its handshake: it is no longer cut to make
+        room."""
+        self._pending.pop(fd, None)
 
-    def _prune(self) -> None:
-        # A socket its transport closed reads fileno() -1; the transport holds the same
-        # object accept returned.
-        self._pruned_at = time.monotonic()
-        self._open = [(conn, host) for conn, host in self._open if conn.fileno() != -1]
-        self._by_host = {}
-        for _, host in self._open:
-            self._by_host[host] = self._by_host.get(host, 0) + 1
+    def _evict_oldest_pending(self) -> bool:
+        while self._pending:
+            fd, ref = next(iter(self._pending.items()))
+            del self._pending[fd]
+            victim = ref()
+            if victim is None or victim.fileno() == -1:
+                continue
+            # shutdown, not close: the descriptor stays its transport's until it sees the
+            # end of the stream and closes it (a close here could hand the number to the
+            # next accept while the transport still polls it).
+            with contextlib.suppress(OSError):
+                victim.shutdown(socket.SHUT_RDWR)
+            victim._release()  # type: ignore[attr-defined]
+            self.shed["evicted"] += 1
+            return True
+        return False
+
+    def _release(self, host: str, fd: int) -> None:
+        self._open -= 1
+        left = self._by_host[host] - 1
+        if left:
+            self._by_host[host] = left
+        else:
+            del self._by_host[host]
+        self._pending.pop(fd, None)
+
+
+class _CountedSocket(socket.socket):
+    """An accepted socket that gives its place in a ConnectionCap back when closed."""
+
+    _release: weakref.finalize[[str, int], None]
+
+    def close(self) -> None:
+        super().close()
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release()
+
+    def detach(self) -> int:
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release()
+        return super().detach()
 
 
 class _CappedListener(socket.socket):
     """A listening socket whose accept applies a ConnectionCap. asyncio accepts through
-    it; a ConnectionAbortedError there means "nothing to serve", and the next pending
-    connection is accepted on the next turn."""
+    it; a ConnectionAbortedError there means "nothing to serve", and what is still pending
+    is accepted on the next turn."""
 
     cap: ConnectionCap
+    #: Refused connections closed per accept call before giving the loop back: a flood is
+    #: drained quickly, and the loop still turns.
+    DRAIN = 64
 
     def accept(self) -> tuple[socket.socket, Any]:
-        conn, addr = super().accept()
-        if not self.cap.admit(conn, str(addr[0])):
+        for _ in range(self.DRAIN):
+            fd, addr = self._accept()  # type: ignore[attr-defined]
+            conn = _CountedSocket(self.family, self.type, self.proto, fileno=fd)
+            if socket.getdefaulttimeout() is None and self.gettimeout():
+                conn.setblocking(True)  # as socket.accept does
+            if self.cap.admit(conn, str(addr[0])):
+                return conn, addr
             conn.close()
-            raise ConnectionAbortedError("connection cap reached")
-        return conn, addr
+        raise ConnectionAbortedError("connection cap reached")
 
 
 def tcp_listener(host: str, port: int, backlog: int,

@@ -43,14 +43,16 @@ def test_anything_else_is_refused_with_the_address_and_the_ipv6_form(address: st
         split_host_port(address)
 
 
-async def _capped_server(cap: ConnectionCap) -> tuple[asyncio.Server, int]:
-    """A real listener with the cap that holds every connection it is given open."""
-    held: list[asyncio.StreamWriter] = []
+async def _capped_server(cap: ConnectionCap, establish: bool
+                         ) -> tuple[asyncio.Server, int]:
+    """A real listener with the cap that holds every connection it is given open; with
+    ``establish``, each is marked established (as a finished TLS handshake is)."""
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
+        if establish:
+            cap.established(writer.get_extra_info("socket").fileno())
         writer.write(b"hi")
-        await reader.read()  # until the client goes
+        await reader.read()  # until the client goes, or the cap cuts it
         writer.close()
 
     sock = tcp_listener("127.0.0.1", 0, 64, cap)
@@ -58,54 +60,80 @@ async def _capped_server(cap: ConnectionCap) -> tuple[asyncio.Server, int]:
     return server, sock.getsockname()[1]
 
 
-async def _greeted(port: int, source: str = "127.0.0.1"
-                   ) -> tuple[bool, asyncio.StreamWriter]:
+async def _connect(port: int, source: str = "127.0.0.1"
+                   ) -> tuple[bool, asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect (from ``source``): whether the server took it (it greets) or closed it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
-        return await asyncio.wait_for(reader.read(2), 5) == b"hi", writer
+        return await asyncio.wait_for(reader.read(2), 5) == b"hi", reader, writer
     except ConnectionError:
-        return False, writer
+        return False, reader, writer
 
 
-async def test_a_full_cap_closes_new_connections_at_accept_and_frees_as_they_close() -> None:
-    cap = ConnectionCap(total=3)
-    server, port = await _capped_server(cap)
-    writers: list[asyncio.StreamWriter] = []
+async def _cut(reader: asyncio.StreamReader) -> bool:
+    """Whether the server ended a connection it had greeted."""
     try:
-        outcomes = []
+        return await asyncio.wait_for(reader.read(1), 5) == b""
+    except ConnectionError:
+        return True
+
+
+async def test_a_full_cap_of_unfinished_handshakes_cuts_the_oldest_for_a_new_one() -> None:
+    """Silent connections (never established) cannot lock a new client out: each new one
+    displaces the oldest, which is shut down."""
+    cap = ConnectionCap(total=3)
+    server, port = await _capped_server(cap, establish=False)
+    opened: list[tuple[bool, asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
         for _ in range(5):
-            ok, writer = await _greeted(port)
-            outcomes.append(ok)
-            writers.append(writer)
-        assert outcomes == [True, True, True, False, False]
-        assert cap.open == 3 and cap.refused == {"total": 2, "per_host": 0}
-        writers[0].close()  # one leaves: after the next prune, one more gets in
-        await asyncio.sleep(ConnectionCap.PRUNE_SECONDS + 0.2)
-        ok, writer = await _greeted(port)
-        writers.append(writer)
-        assert ok and cap.open == 3
+            opened.append(await _connect(port))
+        assert [ok for ok, _, _ in opened] == [True] * 5
+        assert [await _cut(reader) for _, reader, _ in opened[:2]] == [True, True]
+        assert cap.open == 3 and cap.shed == {"evicted": 2, "total": 0, "per_host": 0}
     finally:
-        for writer in writers:
+        for _, _, writer in opened:
+            writer.close()
+        server.close()
+
+
+async def test_a_full_cap_of_established_connections_refuses_and_frees_on_close() -> None:
+    cap = ConnectionCap(total=3)
+    server, port = await _capped_server(cap, establish=True)
+    opened: list[tuple[bool, asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(5):
+            opened.append(await _connect(port))
+        assert [ok for ok, _, _ in opened] == [True, True, True, False, False]
+        assert cap.open == 3 and cap.shed == {"evicted": 0, "total": 2, "per_host": 0}
+        opened[0][2].close()  # one leaves: its place is free as soon as the server sees it
+
+        async def freed() -> bool:
+            await asyncio.sleep(0.01)
+            return cap.open == 2
+
+        for _ in range(300):
+            if await freed():
+                break
+        opened.append(await _connect(port))
+        assert opened[-1][0] and cap.open == 3
+    finally:
+        for _, _, writer in opened:
             writer.close()
         server.close()
 
 
 async def test_a_per_host_cap_refuses_one_host_and_not_another() -> None:
-    """Every 127.0.0.0/8 address is the loopback's: two hosts on one machine."""
+    """Every 127.0.0.0/8 address is the loopback's (Linux): two hosts on one machine."""
     cap = ConnectionCap(total=10, per_host=2)
-    server, port = await _capped_server(cap)
-    writers: list[asyncio.StreamWriter] = []
+    server, port = await _capped_server(cap, establish=True)
+    opened: list[tuple[bool, asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
-        outcomes = []
         for source in ("127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2"):
-            ok, writer = await _greeted(port, source)
-            outcomes.append(ok)
-            writers.append(writer)
-        assert outcomes == [True, True, False, True]
-        assert cap.refused == {"total": 0, "per_host": 1}
+            opened.append(await _connect(port, source))
+        assert [ok for ok, _, _ in opened] == [True, True, False, True]
+        assert cap.shed == {"evicted": 0, "total": 0, "per_host": 1}
     finally:
-        for writer in writers:
+        for _, _, writer in opened:
             writer.close()
         server.close()
 

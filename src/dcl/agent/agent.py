@@ -67,13 +67,20 @@ log = logging.getLogger(__name__)
 _REJOIN_SECONDS = 5.0
 
 
+#: The most connections the RPC port takes by default: each one asyncio is starting TLS
+#: on holds a 256 KiB buffer (about 300 KiB in all, measured), so 4096 silent ones hold
+#: about 1.2 GiB.
+MAX_CONNECTIONS_DEFAULT_CEILING = 4096
+
+
 def default_max_connections() -> int:
-    """Half the process's open-file limit (at most 65536): the other half stays for the
-    node's own files (segments, snapshots), its peer dials and gossip."""
+    """Half the process's open-file limit, at most MAX_CONNECTIONS_DEFAULT_CEILING: the
+    other half stays for the node's own files (segments, snapshots), its peer dials and
+    gossip."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return 65536
-    return max(16, min(65536, soft // 2))
+        return MAX_CONNECTIONS_DEFAULT_CEILING
+    return max(16, min(MAX_CONNECTIONS_DEFAULT_CEILING, soft // 2))
 
 
 def _check_keyring_overlap(in_use: Sequence[str], keys: Sequence[bytes]) -> None:
@@ -155,9 +162,9 @@ class AgentConfig:
     #: 0: a free port (tests).
     metrics_port: int | None = None
     #: Connections the RPC port holds open at once, counted from accept (0: half of the
-    #: process's open-file limit, at most 65536), and from one host (0: no such cap).
-    #: Past either, a new connection is closed unread: a flood of connections that send
-    #: nothing would otherwise use up the descriptors the node needs for its own files.
+    #: process's open-file limit, at most 4096), and from one host (0: no such cap). See
+    #: dcl.addresses.ConnectionCap: a flood of connections that send nothing would
+    #: otherwise use up the descriptors the node needs for its own files.
     max_connections: int = 0
     max_connections_per_host: int = 0
     #: Seconds a new connection has to finish its TLS handshake.

@@ -69,6 +69,10 @@ class NodeMetrics:
                      ("fingerprint", "role"),
                      [("", (fp, "primary" if i == 0 else "secondary"), 1)
                       for i, fp in enumerate(fingerprints)])
+        yield Family("dcl_gossip_connections_shed_total", "counter",
+                     "Push-pull (TCP) connections gossip's cap shed since start, by reason "
+                     "(as dcl_rpc_connections_shed_total).", ("reason",),
+                     [("", (name,), n) for name, n in sorted(membership.tcp_cap.shed.items())])
         yield _counter("dcl_gossip_auth_failures_total",
                        "Gossip frames no key in use opened (a stranger, or a member whose "
                        "key this node does not hold) since the node started.",
@@ -148,10 +152,11 @@ class NodeMetrics:
                     cap.open)
         yield gauge("dcl_rpc_connections_max", "Connections the RPC port holds at most.",
                     cap.total)
-        yield Family("dcl_rpc_connections_refused_total", "counter",
-                     "Connections closed at accept since start, by the cap that was full "
-                     "(total, or per_host).", ("cap",),
-                     [("", (name,), n) for name, n in sorted(cap.refused.items())])
+        yield Family("dcl_rpc_connections_shed_total", "counter",
+                     "Connections the RPC port's cap shed since start: evicted (cut before "
+                     "its TLS handshake finished, to make room for a new one), total (refused: "
+                     "every open one established), per_host (refused: that host's cap).",
+                     ("reason",), [("", (name,), n) for name, n in sorted(cap.shed.items())])
 
 
 def _counter(name: str, help_text: str, value: float) -> Family:

@@ -186,13 +186,18 @@ def raise_open_file_limit() -> tuple[int, int]:
     holds a descriptor per connection and per segment file, and the connection cap is
     sized from it (`default_max_connections`)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            return soft, soft
-        return soft, target
+    if soft == resource.RLIM_INFINITY:
+        return soft, soft
+    ceiling = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+    # The kernel may refuse the hard limit itself (Linux: above fs.nr_open; macOS: above
+    # its own ceiling with an unlimited hard limit): then the next smaller that it takes.
+    for target in (ceiling, 65536, 10240):
+        if soft < target <= ceiling:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (ValueError, OSError):
+                continue
+            return soft, target
     return soft, soft
 
 
@@ -232,6 +237,9 @@ async def run_agent(config: AgentConfig) -> None:
     started = True
     if limits[1] != limits[0]:
         log.info("open-file limit raised from %d to %d", *limits)
+    elif 0 <= limits[1] < 4096:
+        log.warning("open-file limit is %d and could not be raised: connections and log "
+                    "segments share it (raise LimitNOFILE / ulimit -n)", limits[1])
     if reload_asked:
         on_reload()
     typer.echo(f"node {config.node_name} serving on {config.rpc_addr} "
@@ -312,8 +320,10 @@ def agent(
         "'admin'. 0 (the default): no endpoint.")] = None,
     max_connections: Annotated[int | None, _opt(
         "max_connections",
-        "Connections the RPC port holds open at once, counted from accept; past it new ones "
-        "are closed unread. 0 (the default): half the open-file limit, at most 65536.")] = None,
+        "Connections the RPC port holds open at once, counted from accept; when full, the "
+        "oldest one still in its TLS handshake is cut for a new one, and if there is none the "
+        "new one is closed unread. 0 (the default): half the open-file limit, at most 4096.")
+    ] = None,
     max_connections_per_host: Annotated[int | None, _opt(
         "max_connections_per_host",
         "The same, from one host (as Kafka's max.connections.per.ip). 0 (the default): no "

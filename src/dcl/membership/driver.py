@@ -135,6 +135,8 @@ class Membership:
         self._tasks: list[asyncio.Task[None]] = []
         self._event_queue: asyncio.Queue[MemberEvent] = asyncio.Queue()
         self._addr: Addr | None = None
+        #: The push-pull port's connection cap (shed counts for metrics).
+        self.tcp_cap = ConnectionCap(GOSSIP_TCP_CONNECTIONS)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -172,8 +174,9 @@ class Membership:
         # process may hold; retry with a fresh port a bounded number of times.
         for _ in range(_BIND_ATTEMPTS if port == 0 else 1):
             # Capped: push-pulls are few and short (tcp_timeout), and a flood of
-            # connections that send nothing must not use up the node's descriptors.
-            sock = tcp_listener(host, port, 128, ConnectionCap(GOSSIP_TCP_CONNECTIONS))
+            # connections that send nothing must not use up the node's descriptors (when
+            # full, the oldest connection is cut to make room).
+            sock = tcp_listener(host, port, 128, self.tcp_cap)
             try:
                 tcp = await asyncio.start_server(self._serve_push_pull, sock=sock)
             except BaseException:

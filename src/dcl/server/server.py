@@ -84,8 +84,12 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
 
 #: Open connections a server takes when not told (the agent sizes it from its descriptor
-#: limit): past it, new ones are closed at accept.
+#: limit): past it, see dcl.addresses.ConnectionCap.
 DEFAULT_MAX_CONNECTIONS = 1024
+
+#: Connections the kernel queues for accept (asyncio's create_server listens again with its
+#: own, 100 by default: a burst past it waits a SYN retry, 1 s).
+LISTEN_BACKLOG = 1024
 
 #: Room for protobuf framing around a maximum-size record.
 MESSAGE_OVERHEAD_BYTES = 64 * 1024
@@ -175,12 +179,18 @@ def _action_for(method: str, actions: Mapping[str, ActionRule]) -> ActionRule:
 
 
 class _CorkedH2Protocol(H2Protocol):
-    def __init__(self, base: H2Protocol, connections: set[asyncio.Transport]) -> None:
+    def __init__(self, base: H2Protocol, connections: set[asyncio.Transport],
+                 cap: ConnectionCap | None) -> None:
         super().__init__(base.handler, base.config, base.h2_config)
         self._connections = connections
+        self._cap = cap
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called once TLS is up: from now on the cap does not cut this one to make room.
+        sock = transport.get_extra_info("socket")
+        if self._cap is not None and sock is not None:
+            self._cap.established(sock.fileno())
         self._transport = cast(asyncio.Transport, transport)
         self._connections.add(self._transport)
         corked = CorkedTransport(self._transport)
@@ -200,9 +210,11 @@ class _CorkedServer(Server):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.connections: set[asyncio.Transport] = set()
+        #: The listening socket's cap, told when a connection's handshake is done.
+        self.cap: ConnectionCap | None = None
 
     def _protocol_factory(self) -> H2Protocol:
-        return _CorkedH2Protocol(super()._protocol_factory(), self.connections)
+        return _CorkedH2Protocol(super()._protocol_factory(), self.connections, self.cap)
 
     async def serve(self, sock: socket.socket, ssl_context: ssl.SSLContext,
                     handshake_timeout: float) -> None:
@@ -213,7 +225,7 @@ class _CorkedServer(Server):
             raise RuntimeError("server is already started")
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._protocol_factory, sock=sock, ssl=ssl_context,
+            self._protocol_factory, sock=sock, ssl=ssl_context, backlog=LISTEN_BACKLOG,
             ssl_handshake_timeout=handshake_timeout)
         self._server_closed_fut = loop.create_future()
 
@@ -350,7 +362,9 @@ class DclServer:
 
     async def start(self) -> None:
         # Bind ourselves so the chosen port is known without reaching into grpclib internals.
-        sock = tcp_listener(self._host, self._requested_port, 128, self.connection_cap)
+        sock = tcp_listener(self._host, self._requested_port, LISTEN_BACKLOG,
+                            self.connection_cap)
+        self.grpc.cap = self.connection_cap
         try:
             await self.grpc.serve(sock, self._ssl_context, self._handshake_timeout)
         except BaseException:
