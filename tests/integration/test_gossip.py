@@ -24,6 +24,7 @@ from dcl.membership import (
     wire,
 )
 from dcl.membership.crypto import AAD_UDP, PacketSealer
+from dcl.membership.driver import GOSSIP_TCP_CONNECTIONS
 from dcl.membership.model import Member, Packet, Ping
 
 pytestmark = pytest.mark.timeout(60)
@@ -258,3 +259,30 @@ async def test_join_retries_then_fails_on_dead_addresses(cluster: Cluster) -> No
         dead = s.getsockname()
     with pytest.raises(JoinFailed):
         await a.gossip.join([f"{dead[0]}:{dead[1]}"], retries=3, timeout=3.0)
+
+
+async def test_a_flood_of_silent_push_pull_connections_does_not_keep_a_member_out(
+    cluster: Cluster,
+) -> None:
+    """The push-pull port holds at most GOSSIP_TCP_CONNECTIONS: past it the oldest is cut
+    for a new one, so 300 connections that send nothing neither use up the node's
+    descriptors nor keep a joining member out."""
+    a = await cluster.start("a")
+    flood: list[socket.socket] = []
+
+    def connect_all() -> None:  # in a thread: this loop must go on accepting meanwhile
+        for _ in range(300):
+            flood.append(socket.create_connection(a.gossip.addr, timeout=5))
+
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, connect_all)
+        await poll(lambda: a.gossip.tcp_cap.shed["evicted"] >= 300 - GOSSIP_TCP_CONNECTIONS,
+                   10.0)
+        assert a.gossip.tcp_cap.open <= GOSSIP_TCP_CONNECTIONS
+        b = await cluster.start("b")
+        assert await b.gossip.join([f"127.0.0.1:{a.gossip.addr[1]}"], retries=3,
+                                   timeout=10.0) == 1
+        await poll(lambda: a.state_of("b") is MemberState.ALIVE, 10.0)
+    finally:
+        for sock in flood:
+            sock.close()

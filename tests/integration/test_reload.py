@@ -45,8 +45,8 @@ def serial(pem: bytes) -> int:
     return x509.load_pem_x509_certificate(pem).serial_number
 
 
-async def served_serial(node: NodeProcess, pki: PkiFiles) -> int:
-    """The serial of the certificate a new connection to node's RPC port is shown."""
+async def served_certificate(node: NodeProcess, pki: PkiFiles) -> x509.Certificate:
+    """The certificate a new connection to node's RPC port is shown."""
     ctx = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
     _, writer = await asyncio.open_connection("127.0.0.1", node.port, ssl=ctx,
                                               server_hostname="127.0.0.1")
@@ -54,7 +54,15 @@ async def served_serial(node: NodeProcess, pki: PkiFiles) -> int:
         der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     finally:
         writer.close()
-    return x509.load_der_x509_certificate(der).serial_number
+    return x509.load_der_x509_certificate(der)
+
+
+async def served_serial(node: NodeProcess, pki: PkiFiles) -> int:
+    return (await served_certificate(node, pki)).serial_number
+
+
+async def shown_issuer(node: NodeProcess, pki: PkiFiles) -> str:
+    return (await served_certificate(node, pki)).issuer.rfc4514_string()
 
 
 async def produce_as_nobody(node: NodeProcess, pki: PkiFiles) -> int | Status:
@@ -76,18 +84,6 @@ def dcl(*args: str) -> None:
     ran = subprocess.run([sys.executable, "-m", "dcl.cli.main", *args], capture_output=True,
                          text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
-
-
-async def shown_issuer(node: NodeProcess, pki: PkiFiles) -> str:
-    """The issuer of the certificate a new connection to node's RPC port is shown."""
-    ctx = client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert)
-    _, writer = await asyncio.open_connection("127.0.0.1", node.port, ssl=ctx,
-                                              server_hostname="127.0.0.1")
-    try:
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    finally:
-        writer.close()
-    return x509.load_der_x509_certificate(der).issuer.rfc4514_string()
 
 
 @contextlib.asynccontextmanager
