@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
+from dcl.membership import key_fingerprint, load_keyring
 from dcl.server.certs import PkiFiles
 from tests.integration.cluster_harness import Cluster, free_port
 
@@ -237,3 +239,31 @@ def test_bench_prints_throughput_and_latency_percentiles(dcl: Dcl) -> None:
     for phase in summary["results"]:
         assert phase["records"] == 600 and phase["records_per_second"] > 0
         assert 0 < phase["p50_ms"] <= phase["p90_ms"] <= phase["p99_ms"] <= phase["max_ms"]
+
+
+def test_status_config_shows_what_each_nodes_reloads_left_in_use(dcl: Dcl) -> None:
+    """`dcl status --config`: the check between the steps of a rotation (no reload yet
+    here: see test_reload.py for the counts going up)."""
+    pki = dcl.pki
+    expires = min(x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
+                  for path in (pki.server_cert, pki.peer_cert))
+    key = key_fingerprint(load_keyring(pki.gossip_key)[0])
+    result = dcl("status", "--config", "--output", "json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 3
+    for row in rows:
+        assert (row["reloads_ok"], row["reloads_failed"]) == (0, 0), row
+        assert row["certificates_expire"] == int(expires.timestamp()), row
+        assert row["gossip_key"] == key, row
+
+    table = dcl("status", "--config")
+    assert table.returncode == 0, table.stderr
+    body = [line.split() for line in table.stdout.splitlines() if line.strip()]
+    assert body[0] == ["node", "address", "reloads", "failed", "certificates", "expire",
+                       "gossip", "key"]
+    node_rows = [row for row in body if row[0] in {n.name for n in dcl.cluster.nodes}]
+    assert len(node_rows) == 3
+    for row in node_rows:
+        assert row[2:4] == ["0", "0"] and row[4] == expires.strftime("%Y-%m-%d"), row
+        assert row[-1] == key, row

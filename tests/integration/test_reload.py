@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import signal
 import ssl
@@ -20,6 +21,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -80,10 +82,20 @@ async def produce_as_nobody(node: NodeProcess, pki: PkiFiles) -> int | Status:
         channel.close()
 
 
-def dcl(*args: str) -> None:
+def dcl(*args: str) -> str:
     ran = subprocess.run([sys.executable, "-m", "dcl.cli.main", *args], capture_output=True,
                          text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
+    return ran.stdout
+
+
+def status_config(cluster: Cluster, pki: PkiFiles) -> dict[str, dict[str, Any]]:
+    """`dcl status --config` as an operator runs it between steps: node -> its row."""
+    out = dcl("status", "--config", "--output", "json",
+              *(a for node in cluster.nodes for a in ("--addr", node.rpc_addr)),
+              "--ca-file", str(pki.ca_cert), "--cert-file", str(pki.root_client_cert),
+              "--key-file", str(pki.root_client_key))
+    return {row["node"]: row for row in json.loads(out)}
 
 
 @contextlib.asynccontextmanager
@@ -182,6 +194,13 @@ async def test_sighup_loads_renewed_certificates_and_a_new_policy_and_refuses_a_
             expires = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
             assert one(samples, "dcl_tls_certificate_expiration_timestamp_seconds",
                        certificate="server") == expires.not_valid_after_utc.timestamp()
+        # What an operator without a scraper checks: every node took it.
+        expire_at = int(min(x509.load_pem_x509_certificate(path.read_bytes())
+                            .not_valid_after_utc.timestamp()
+                            for path in (pki.server_cert, pki.peer_cert)))
+        for row in status_config(cluster, pki).values():
+            assert (row["reloads_ok"], row["reloads_failed"]) == (1, 0), row
+            assert row["certificates_expire"] == expire_at, row
         # Replication went on through it, over the peers' (new) connections.
         follower = cluster.others(leader)[0]
         follower.kill()
@@ -203,6 +222,7 @@ async def test_sighup_loads_renewed_certificates_and_a_new_policy_and_refuses_a_
         assert "reload failed, the node goes on as it was" in leader.log_path.read_text()
         assert "a 'p' line takes 3 non-empty fields" in leader.log_path.read_text()
         assert isinstance(await produce_as_nobody(leader, pki), int)  # the grant still holds
+        assert status_config(cluster, pki)[leader.name]["reloads_failed"] == 1
         assert await served_serial(leader, pki) == new_serial
         assert leader.running
 

@@ -43,7 +43,7 @@ from dcl.raft.types import Config as RaftConfig
 from dcl.raft.types import Role
 from dcl.server.acl import AclError, Action, Authorizer
 from dcl.server.metrics_http import MetricsServer
-from dcl.server.raft_transport import AdminService, GrpcTransport, RaftService
+from dcl.server.raft_transport import AdminService, ConfigState, GrpcTransport, RaftService
 from dcl.server.replicated import LogFsm, ReplicatedBackend, Retention, encode_address_cmd
 from dcl.server.server import HANDSHAKE_TIMEOUT_SECONDS, DclServer, build_server
 from dcl.storage import LogConfig
@@ -401,7 +401,8 @@ class Agent:
                           for use, path in (("server", cfg.server_tls_ca_file),
                                             ("peer", cfg.peer_tls_ca_file))}
         authorizer = self._authorizer = Authorizer(cfg.acl_model_file, cfg.acl_policy_file)
-        self.admin = AdminService(self.backend, gossip_state=self._gossip_state)
+        self.admin = AdminService(self.backend, gossip_state=self._gossip_state,
+                                  config_state=self._config_state)
         self.server = build_server(
             self.backend, ssl_context=ctx, authorizer=authorizer, host=cfg.rpc_host,
             port=cfg.rpc_port,
@@ -554,6 +555,13 @@ class Agent:
         log.error("giving up joining the cluster")
 
     # ------------------------------------------------------------------ hooks
+
+    def _config_state(self) -> ConfigState:
+        """What this node's reloads left in use, for `dcl status` (Admin Cluster)."""
+        expiries = [after for _, after in self.certificate_validity.values()]
+        keys = self.membership.key_fingerprints if self.membership is not None else ()
+        return ConfigState(self.reloads["ok"], self.reloads["error"],
+                           int(min(expiries)) if expiries else 0, keys[0] if keys else "")
 
     def _gossip_state(self, node_id: str) -> str:
         """A server's state as our gossip sees it: alive, suspect, failed, left, or ""."""

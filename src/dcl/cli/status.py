@@ -1,5 +1,6 @@
 """``dcl status``: one row per server — role, term, log and apply progress, the commit-log
-offsets it holds and their size on disk, gossip state.
+offsets it holds and their size on disk, gossip state; with ``--config``, its reloads,
+certificate expiry and gossip key.
 
 Each server is asked (Admin Cluster, in parallel) about itself, because only a node knows
 its own applied index exactly; the leader's answer supplies the gossip state of every
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import time
 from dataclasses import asdict, dataclass
 from typing import Annotated
 
@@ -35,6 +37,7 @@ from dcl.cli.connection import (
 from dcl.cli.output import stdout_console
 from dcl.client import ClusterStatus, DclClient, NodeStatus, ServerInfo
 from dcl.errors import PermissionDenied, Unavailable
+from dcl.tls import format_utc
 
 __all__ = ["StatusFormat", "status"]
 
@@ -60,6 +63,10 @@ class Row:
     first_offset: int | None = None
     next_offset: int | None = None
     log_bytes: int | None = None
+    reloads_ok: int | None = None
+    reloads_failed: int | None = None
+    certificates_expire: int | None = None
+    gossip_key: str | None = None
 
 
 async def _ask(client: DclClient, address: str) -> ClusterStatus | None:
@@ -92,7 +99,9 @@ async def _rows(client: DclClient) -> list[Row]:
         lag = max(leader_row.last_index - mine.applied_index, 0) if leader_row else None
         rows.append(Row(server.id, server.rpc_addr, mine.role, mine.term, mine.last_index,
                         mine.applied_index, lag, mine.voter, gossip, mine.first_offset,
-                        mine.next_offset, mine.log_bytes))
+                        mine.next_offset, mine.log_bytes, mine.reloads_ok,
+                        mine.reloads_failed, mine.certificates_expire or None,
+                        mine.gossip_key or None))
     return rows
 
 
@@ -138,20 +147,46 @@ def _table(rows: list[Row]) -> Table:
     return table
 
 
+def _config_table(rows: list[Row], now: float) -> Table:
+    """What each node's reloads left in use: the check between steps of a rotation."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("node", "address"):
+        table.add_column(name, no_wrap=True)
+    for name in ("reloads", "failed", "certificates expire"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("gossip key", no_wrap=True)
+    for row in rows:
+        failed = _cell(row.reloads_failed)
+        expire = "-"
+        if row.certificates_expire is not None:
+            days = (row.certificates_expire - now) / 86400
+            expire = (f"{format_utc(row.certificates_expire)[:10]} ({days:.0f} d)"
+                      if days >= 0 else f"[bold red]{format_utc(row.certificates_expire)}[/]")
+        table.add_row(row.node, row.address, _cell(row.reloads_ok),
+                      f"[bold red]{failed}[/]" if row.reloads_failed else failed, expire,
+                      row.gossip_key or "-")
+    return table
+
+
 def status(
     output: Annotated[StatusFormat, typer.Option(
         "--output", "-o", help="table, or json (one object per server).")
     ] = StatusFormat.table,
+    config: Annotated[bool, typer.Option(
+        "--config", help="Instead of Raft and the log: each node's reloads (SIGHUP), when "
+                         "its first certificate expires and the gossip key it seals with; "
+                         "check it between the steps of a rotation.")] = False,
     addr: AddrOpt = None,
     ca_file: CaFileOpt = DEFAULT_CA_FILE,
     cert_file: CertFileOpt = DEFAULT_CERT_FILE,
     key_file: KeyFileOpt = DEFAULT_KEY_FILE,
     timeout: TimeoutOpt = DEFAULT_TIMEOUT,
 ) -> None:
-    """Show each server's role, term, last log index, applied index, lag and gossip state."""
+    """Show each server's role, term, last log index, applied index, lag and gossip state
+    (or, with --config, what its configuration reloads left in use)."""
     conn = Connection.from_options(addr, ca_file, cert_file, key_file, timeout)
     rows = conn.run(_rows)
     if output is StatusFormat.json:
         typer.echo(json.dumps([asdict(r) for r in rows], indent=2))
     else:
-        stdout_console.print(_table(rows))
+        stdout_console.print(_config_table(rows, time.time()) if config else _table(rows))

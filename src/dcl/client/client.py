@@ -136,6 +136,13 @@ class NodeStatus:
     first_offset: int = 0
     next_offset: int = 0
     log_bytes: int = 0
+    #: The node's own row only: reloads (SIGHUP) since it started, by outcome; when the
+    #: first of its certificates expires (Unix seconds, 0: unknown); the fingerprint of the
+    #: gossip key it seals with ("" if none).
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    certificates_expire: int = 0
+    gossip_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +394,9 @@ class DclClient:
             reply.leader_id,
             tuple(
                 NodeStatus(s.id, s.rpc_addr, s.role, s.term, s.last_index, s.applied_index,
-                           s.voter, s.gossip_state, s.first_offset, s.next_offset, s.log_bytes)
+                           s.voter, s.gossip_state, s.first_offset, s.next_offset, s.log_bytes,
+                           s.reloads_ok, s.reloads_failed, s.certificates_expire,
+                           s.gossip_key)
                 for s in reply.servers
             ),
         )

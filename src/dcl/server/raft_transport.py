@@ -17,6 +17,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from grpclib.client import Channel
 from grpclib.client import Stream as ClientStream
@@ -34,7 +35,7 @@ from dcl.raft.types import ConfChange, ConfChangeType, Message, ProposalDropped,
 from dcl.raft.wire import decode_message, encode_message_into, payload_bytes
 from dcl.server.replicated import ReplicatedBackend, encode_address_cmd
 
-__all__ = ["BATCH_BYTES", "AdminService", "GrpcTransport", "RaftService"]
+__all__ = ["BATCH_BYTES", "AdminService", "ConfigState", "GrpcTransport", "RaftService"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,18 @@ class RaftService(raft_grpc.RaftBase):
         await stream.send_message(raft_pb2.RaftSendSummary(received=received))
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigState:
+    """What a node's configuration reloads (SIGHUP) left in use, for `dcl status`."""
+
+    reloads_ok: int
+    reloads_failed: int
+    #: When the first of its server and peer certificates expires (Unix seconds, 0: unknown).
+    certificates_expire: int
+    #: Fingerprint of the gossip key it seals with ("" with insecure gossip).
+    gossip_key: str
+
+
 class AdminService(AdminBase):
     """Join / Leave / Cluster. Membership changes run on the leader only."""
 
@@ -208,13 +221,16 @@ class AdminService(AdminBase):
         *,
         catch_up_timeout: float = 30.0,
         gossip_state: Callable[[str], str] | None = None,
+        config_state: Callable[[], ConfigState] | None = None,
     ) -> None:
         """``gossip_state(node_id)`` names a server's membership state as this node's gossip
-        sees it, for the Cluster answer (``dcl status``); None leaves the field empty."""
+        sees it, for the Cluster answer (``dcl status``); None leaves the field empty.
+        ``config_state()`` gives this node's own row its reload fields."""
         self._backend = backend
         self._driver = backend.driver
         self._catch_up_timeout = catch_up_timeout
         self._gossip_state = gossip_state
+        self._config_state = config_state
 
     def _require_leader(self) -> None:
         core = self._driver.core
@@ -295,12 +311,17 @@ class AdminService(AdminBase):
         st = core.status()
         servers = []
         backend = self._backend
+        config = self._config_state() if self._config_state is not None else None
         for sid in sorted(st.voters | st.learners | {st.id}):
             own: dict[str, int] = {}
             if sid == st.id:
                 role, last, applied = st.role.value, st.last_index, st.applied_index
                 own = {"first_offset": backend.lowest_offset,
                        "next_offset": backend.next_offset, "log_bytes": backend.log_bytes}
+                if config is not None:
+                    own |= {"reloads_ok": config.reloads_ok,
+                            "reloads_failed": config.reloads_failed,
+                            "certificates_expire": config.certificates_expire}
             else:
                 pr = st.progress.get(sid)
                 role = ("leader" if sid == st.leader_id else
@@ -309,6 +330,7 @@ class AdminService(AdminBase):
             servers.append(admin_pb2.ServerStatus(
                 id=sid, rpc_addr=self._backend.fsm.addresses.get(sid, ""), role=role,
                 term=st.term, last_index=last, applied_index=applied, voter=sid in st.voters,
-                gossip_state=self._gossip_state(sid) if self._gossip_state else "", **own))
+                gossip_state=self._gossip_state(sid) if self._gossip_state else "",
+                gossip_key=config.gossip_key if config and sid == st.id else "", **own))
         await stream.send_message(
             admin_pb2.ClusterResponse(servers=servers, leader_id=st.leader_id or ""))

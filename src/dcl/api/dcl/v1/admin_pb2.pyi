@@ -35,7 +35,7 @@ class ClusterRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("id", "rpc_addr", "role", "term", "last_index", "applied_index", "voter", "gossip_state", "first_offset", "next_offset", "log_bytes")
+    __slots__ = ("id", "rpc_addr", "role", "term", "last_index", "applied_index", "voter", "gossip_state", "first_offset", "next_offset", "log_bytes", "reloads_ok", "reloads_failed", "certificates_expire", "gossip_key")
     ID_FIELD_NUMBER: _ClassVar[int]
     RPC_ADDR_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,10 @@ class ServerStatus(_message.Message):
     FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
     NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     LOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RELOADS_OK_FIELD_NUMBER: _ClassVar[int]
+    RELOADS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_EXPIRE_FIELD_NUMBER: _ClassVar[int]
+    GOSSIP_KEY_FIELD_NUMBER: _ClassVar[int]
     id: str
     rpc_addr: str
     role: str
@@ -58,7 +62,11 @@ class ServerStatus(_message.Message):
     first_offset: int
     next_offset: int
     log_bytes: int
-    def __init__(self, id: _Optional[str] = ..., rpc_addr: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., voter: _Optional[bool] = ..., gossip_state: _Optional[str] = ..., first_offset: _Optional[int] = ..., next_offset: _Optional[int] = ..., log_bytes: _Optional[int] = ...) -> None: ...
+    reloads_ok: int
+    reloads_failed: int
+    certificates_expire: int
+    gossip_key: str
+    def __init__(self, id: _Optional[str] = ..., rpc_addr: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., voter: _Optional[bool] = ..., gossip_state: _Optional[str] = ..., first_offset: _Optional[int] = ..., next_offset: _Optional[int] = ..., log_bytes: _Optional[int] = ..., reloads_ok: _Optional[int] = ..., reloads_failed: _Optional[int] = ..., certificates_expire: _Optional[int] = ..., gossip_key: _Optional[str] = ...) -> None: ...
 
 class ClusterResponse(_message.Message):
     __slots__ = ("servers", "leader_id")
