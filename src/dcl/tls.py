@@ -90,33 +90,29 @@ class LiveContext(ssl.SSLContext):
         """New connections from now on use ``context`` (from `renewed`)."""
         self._current = context
 
-    # What the context in use holds, not the wrapper's first load. Settings changed on the
-    # wrapper after a `use` reach no connection: build a context with them instead.
+    # Each goes to the context in use: this one until the first `use`. Called through
+    # ssl.SSLContext itself, so that this one, when in use, gets the base behaviour.
+    # Settings changed on this one after a `use` reach no connection: build a context
+    # with them instead.
     def get_ca_certs(self, binary_form: bool = False) -> Any:
-        if self._current is self:
-            return super().get_ca_certs(binary_form)
-        return self._current.get_ca_certs(binary_form)
+        return ssl.SSLContext.get_ca_certs(self._current, binary_form)
 
     def cert_store_stats(self) -> dict[str, int]:
-        if self._current is self:
-            return super().cert_store_stats()
-        return self._current.cert_store_stats()
+        return ssl.SSLContext.cert_store_stats(self._current)
 
     def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
                  server_side: bool = False, server_hostname: str | bytes | None = None,
                  session: ssl.SSLSession | None = None) -> ssl.SSLObject:
-        if self._current is self:
-            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
-        return self._current.wrap_bio(incoming, outgoing, server_side, server_hostname,
-                                      session)
+        return ssl.SSLContext.wrap_bio(self._current, incoming, outgoing, server_side,
+                                       server_hostname, session)
 
     def wrap_socket(self, sock: socket.socket, server_side: bool = False,
                     do_handshake_on_connect: bool = True, suppress_ragged_eofs: bool = True,
                     server_hostname: str | bytes | None = None,
                     session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
-        wrap = (super().wrap_socket if self._current is self else self._current.wrap_socket)
-        return wrap(sock, server_side, do_handshake_on_connect, suppress_ragged_eofs,
-                    server_hostname, session)
+        return ssl.SSLContext.wrap_socket(self._current, sock, server_side,
+                                          do_handshake_on_connect, suppress_ragged_eofs,
+                                          server_hostname, session)
 
 
 def server_context(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import resource
 import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,12 @@ from dcl.server.acl import AclError, Action, Authorizer
 from dcl.server.metrics_http import MetricsServer
 from dcl.server.raft_transport import AdminService, ConfigState, GrpcTransport, RaftService
 from dcl.server.replicated import LogFsm, ReplicatedBackend, Retention, encode_address_cmd
-from dcl.server.server import HANDSHAKE_TIMEOUT_SECONDS, DclServer, build_server
+from dcl.server.server import (
+    HANDSHAKE_TIMEOUT_SECONDS,
+    DclServer,
+    build_server,
+    default_max_connections,
+)
 from dcl.storage import LogConfig
 from dcl.tls import (
     CertificateError,
@@ -65,22 +69,6 @@ log = logging.getLogger(__name__)
 
 #: While not yet admitted to Raft, re-join the gossip seeds this often (heals split views).
 _REJOIN_SECONDS = 5.0
-
-
-#: The most connections the RPC port takes by default: each one asyncio is starting TLS
-#: on holds a 256 KiB buffer (about 300 KiB in all, measured), so 4096 silent ones hold
-#: about 1.2 GiB.
-MAX_CONNECTIONS_DEFAULT_CEILING = 4096
-
-
-def default_max_connections() -> int:
-    """Half the process's open-file limit, at most MAX_CONNECTIONS_DEFAULT_CEILING: the
-    other half stays for the node's own files (segments, snapshots), its peer dials and
-    gossip."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS_DEFAULT_CEILING
-    return max(16, min(MAX_CONNECTIONS_DEFAULT_CEILING, soft // 2))
 
 
 def _check_keyring_overlap(in_use: Sequence[str], keys: Sequence[bytes]) -> None:

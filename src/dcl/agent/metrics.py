@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 import dcl
+from dcl.addresses import ConnectionCap
 from dcl.membership import GossipError, Membership
 from dcl.membership.model import STATE_NAMES
 from dcl.metrics import Family, Registry, gauge, process_families
@@ -69,10 +70,9 @@ class NodeMetrics:
                      ("fingerprint", "role"),
                      [("", (fp, "primary" if i == 0 else "secondary"), 1)
                       for i, fp in enumerate(fingerprints)])
-        yield Family("dcl_gossip_connections_shed_total", "counter",
-                     "Push-pull (TCP) connections gossip's cap shed since start, by reason "
-                     "(as dcl_rpc_connections_shed_total).", ("reason",),
-                     [("", (name,), n) for name, n in sorted(membership.tcp_cap.shed.items())])
+        yield _shed("dcl_gossip_connections_shed_total",
+                    "Push-pull (TCP) connections gossip's cap shed since start, by reason "
+                    "(as dcl_rpc_connections_shed_total).", membership.tcp_cap)
         yield _counter("dcl_gossip_auth_failures_total",
                        "Gossip frames no key in use opened (a stranger, or a member whose "
                        "key this node does not hold) since the node started.",
@@ -152,11 +152,15 @@ class NodeMetrics:
                     cap.open)
         yield gauge("dcl_rpc_connections_max", "Connections the RPC port holds at most.",
                     cap.total)
-        yield Family("dcl_rpc_connections_shed_total", "counter",
-                     "Connections the RPC port's cap shed since start: evicted (cut before "
-                     "its TLS handshake finished, to make room for a new one), total (refused: "
-                     "every open one established), per_host (refused: that host's cap).",
-                     ("reason",), [("", (name,), n) for name, n in sorted(cap.shed.items())])
+        yield _shed("dcl_rpc_connections_shed_total",
+                    "Connections the RPC port's cap shed since start: evicted (cut before its "
+                    "TLS handshake finished, to make room for a new one), total (refused: "
+                    "every open one established), per_host (refused: that host's cap).", cap)
+
+
+def _shed(name: str, help_text: str, cap: ConnectionCap) -> Family:
+    return Family(name, "counter", help_text, ("reason",),
+                  [("", (reason,), n) for reason, n in sorted(cap.shed.items())])
 
 
 def _counter(name: str, help_text: str, value: float) -> Family:

@@ -24,6 +24,13 @@ from dcl.server.certs import (
 )
 from dcl.storage.files import replace_atomically
 
+
+def _fail(problem: object) -> NoReturn:
+    """One `error:` line and exit 1."""
+    typer.echo(f"error: {problem}", err=True)
+    raise typer.Exit(code=1)
+
+
 app = typer.Typer(name="certs", help="Certificates and ACL files.", no_args_is_help=True)
 
 
@@ -47,8 +54,7 @@ def init(
     try:
         files = generate_pki(directory, names, force=force)
     except FileExistsError as exc:
-        typer.echo(f"error: {exc} (use --force to replace them)", err=True)
-        raise typer.Exit(code=1) from None
+        _fail(f"{exc} (use --force to replace them)")
     for path in files.all():
         typer.echo(str(path))
 
@@ -67,8 +73,7 @@ def renew(
     try:
         paths = renew_node_certificates(directory, names)
     except (OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+        _fail(exc)
     for path in paths:
         typer.echo(str(path))
     typer.echo("send each agent SIGHUP to load them (kill -HUP PID)", err=True)
@@ -86,8 +91,7 @@ def client(
     try:
         paths = issue_client_certificate(directory, name, force=force)
     except (OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+        _fail(exc)
     for path in paths:
         typer.echo(str(path))
     typer.echo(f"grant rights with lines like 'p, {name}, *, produce' in policy.csv", err=True)
@@ -124,8 +128,7 @@ def rotate_ca(
         else:
             paths = finish_ca_rotation(directory)
     except (OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+        _fail(exc)
     if replaced is not None:
         typer.echo(f"replaced {replaced}, a CA whose key was never written (an earlier "
                    "begin cut short)", err=True)
@@ -157,9 +160,8 @@ def _find(keys: list[bytes], fingerprint: str, path: Path) -> int:
     for i, key in enumerate(keys):
         if key_fingerprint(key) == fingerprint.strip().lower():
             return i
-    typer.echo(f"error: no key with fingerprint {fingerprint!r} in {path} (see `dcl certs "
-               f"gossip-key list {path}`)", err=True)
-    raise typer.Exit(code=1)
+    _fail(f"no key with fingerprint {fingerprint!r} in {path} (see `dcl certs gossip-key "
+          f"list {path}`)")
 
 
 def _write_keyring(path: Path, keys: list[bytes]) -> None:
@@ -193,10 +195,6 @@ def _edit_keyring(path: Path, change: Callable[[list[bytes]], list[bytes]]) -> N
         _fail(exc)
 
 
-def _fail(exc: Exception) -> NoReturn:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(code=1) from None
-
 
 @gossip_app.command("add")
 def gossip_add(path: _KeyFile) -> None:
@@ -206,9 +204,8 @@ def gossip_add(path: _KeyFile) -> None:
 
     def add(keys: list[bytes]) -> list[bytes]:
         if len(keys) >= MAX_KEYS:
-            typer.echo(f"error: {path} holds {len(keys)} keys already, at most {MAX_KEYS}: "
-                       "remove one first", err=True)
-            raise typer.Exit(code=1)
+            _fail(f"{path} holds {len(keys)} keys already, at most {MAX_KEYS}: remove one "
+                  "first")
         return [*keys, key]
 
     _edit_keyring(path, add)
@@ -238,9 +235,7 @@ def gossip_remove(path: _KeyFile, fingerprint: _Fingerprint) -> None:
     def remove(keys: list[bytes]) -> list[bytes]:
         index = _find(keys, fingerprint, path)
         if index == 0:
-            typer.echo(f"error: {fingerprint} is the primary key: `use` another key first",
-                       err=True)
-            raise typer.Exit(code=1)
+            _fail(f"{fingerprint} is the primary key: `use` another key first")
         return keys[:index] + keys[index + 1:]
 
     _edit_keyring(path, remove)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import ssl
 import time
@@ -83,9 +84,10 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 #: connection that sends nothing would hold its socket that long).
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
 
-#: Open connections a server takes when not told (the agent sizes it from its descriptor
-#: limit): past it, see dcl.addresses.ConnectionCap.
-DEFAULT_MAX_CONNECTIONS = 1024
+#: The most connections the RPC port takes by default: each one asyncio is starting TLS
+#: on holds a 256 KiB buffer (about 300 KiB in all, measured), so 4096 silent ones hold
+#: about 1.2 GiB.
+MAX_CONNECTIONS_DEFAULT_CEILING = 4096
 
 #: Connections the kernel queues for accept (asyncio's create_server listens again with its
 #: own, 100 by default: a burst past it waits a SYN retry, 1 s).
@@ -167,6 +169,16 @@ async def _bounded_recv_message(
 # Installed for every grpclib server in the process; it only changes behaviour for servers
 # whose codec carries a limit (DclServer's), and grpclib is pinned to a minor range.
 grpclib.server.recv_message = _bounded_recv_message  # type: ignore[attr-defined,assignment]
+
+
+def default_max_connections() -> int:
+    """Connections a server takes when not told: half the process's open-file limit, at
+    most MAX_CONNECTIONS_DEFAULT_CEILING. The other half stays for the node's own files
+    (segments, snapshots), its peer dials and gossip."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS_DEFAULT_CEILING
+    return max(16, min(MAX_CONNECTIONS_DEFAULT_CEILING, soft // 2))
 
 
 def _action_for(method: str, actions: Mapping[str, ActionRule]) -> ActionRule:
@@ -271,7 +283,7 @@ class DclServer:
                     spec.func, _action_for(method, actions), method, timer)
         self._ssl_context = ssl_context
         self._host = host
-        self.connection_cap = connection_cap or ConnectionCap(DEFAULT_MAX_CONNECTIONS)
+        self.connection_cap = connection_cap or ConnectionCap(default_max_connections())
         self._handshake_timeout = handshake_timeout
         #: Seconds close() waits for cancelled calls to end.
         self.close_timeout = CLOSE_TIMEOUT_SECONDS
@@ -283,6 +295,7 @@ class DclServer:
         self.grpc = _CorkedServer(
             handlers, codec=MessageLimitCodec(max_message_bytes, type_limits)
         )
+        self.grpc.cap = self.connection_cap
         listen(self.grpc, RecvRequest, self._on_request)
 
     async def _on_request(self, event: RecvRequest) -> None:
@@ -364,7 +377,6 @@ class DclServer:
         # Bind ourselves so the chosen port is known without reaching into grpclib internals.
         sock = tcp_listener(self._host, self._requested_port, LISTEN_BACKLOG,
                             self.connection_cap)
-        self.grpc.cap = self.connection_cap
         try:
             await self.grpc.serve(sock, self._ssl_context, self._handshake_timeout)
         except BaseException:

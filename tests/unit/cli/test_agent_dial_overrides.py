@@ -189,7 +189,7 @@ def test_connection_limits_default_to_the_descriptor_budget_and_take_flags(
 def test_an_agent_raises_its_open_file_limit_and_sizes_its_connection_cap_from_it() -> None:
     """In a child with soft 256 / hard 1024 descriptors (the common soft 1024 in small)."""
     code = ("from dcl.cli.agent import raise_open_file_limit\n"
-            "from dcl.agent.agent import default_max_connections\n"
+            "from dcl.server.server import default_max_connections\n"
             "print(*raise_open_file_limit(), default_max_connections())\n")
     ran = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
