@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from grpclib.client import Channel, UnaryUnaryMethod
+from grpclib.config import Configuration
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.v1.health_grpc import HealthStub
@@ -208,6 +210,60 @@ async def test_consume_batch_stream_follows_the_tail(node: Node) -> None:
             seen += [r.value for r in msg.records]
         assert seen == [b"c", b"d", b"e"]
         await stream.cancel()
+
+
+async def test_a_reader_with_the_smallest_window_gets_every_record_once_in_order(
+    node: Node,
+) -> None:
+    """Streams send only what the client's flow-control window has room for (so a reader
+    that stops reading holds no batch in the node's memory). A 64 KiB window, the least
+    HTTP/2 allows, against records from 10 B to 200 KiB (larger than the whole window,
+    so sent a part at a time), and runs of small records whose framing overflows what
+    is left of the window: every record arrives once, in order, on both streams."""
+    sizes = [10, 1000, 30_000, 200_000, 100, 64_000]
+    values = [os.urandom(sizes[i % len(sizes)]) for i in range(60)]
+    small = [os.urandom(i % 50) for i in range(20_000)]
+    batch = batch_grpc.BatchStub(node.channel())
+    for part in [values[i : i + 6] for i in range(0, 60, 6)] + [
+        small[i : i + 1000] for i in range(0, len(small), 1000)
+    ]:
+        await batch.ProduceBatch(batch_pb2.ProduceBatchRequest(values=part))
+    values += small
+    window = 2**16 - 1
+    narrow = Channel(
+        "127.0.0.1", node.server.port,
+        ssl=client_context(node.pki.root_client_cert, node.pki.root_client_key,
+                           node.pki.ca_cert),
+        config=Configuration(http2_connection_window_size=window,
+                             http2_stream_window_size=window),
+    )
+    try:
+        async with log_grpc.LogStub(narrow).ConsumeStream.open() as stream:
+            await stream.send_message(log_pb2.ConsumeRequest(offset=0), end=True)
+            records: list[log_pb2.Record] = []
+            while len(records) < len(values):
+                reply = await stream.recv_message()
+                assert reply is not None
+                records.append(reply.record)
+            await stream.cancel()
+        assert [r.offset for r in records] == list(range(len(values)))
+        assert [r.value for r in records] == values
+
+        async with batch_grpc.BatchStub(narrow).ConsumeBatchStream.open() as bstream:
+            request = batch_pb2.ConsumeBatchRequest(offset=0, max_bytes=3 << 20)
+            await bstream.send_message(request, end=True)
+            records, replies = [], 0
+            while len(records) < len(values):
+                breply = await bstream.recv_message()
+                assert breply is not None and breply.records
+                records += breply.records
+                replies += 1
+            await bstream.cancel()
+        assert [r.offset for r in records] == list(range(len(values)))
+        assert [r.value for r in records] == values
+        assert replies > 100  # 7 MiB in 3 MiB replies would be 3; in 64 KiB windows, many
+    finally:
+        narrow.close()
 
 
 async def test_get_servers_reports_this_node_as_leader(node: Node) -> None:

@@ -18,14 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from grpclib.server import Stream
 
-__all__ = ["CorkedTransport", "frame_messages", "send_encoded"]
+__all__ = [
+    "FRAME_PREFIX_BYTES",
+    "CorkedTransport",
+    "fitting",
+    "frame_messages",
+    "send_encoded",
+    "send_room",
+]
 
 _PREFIX = struct.Struct(">?I")
+#: Bytes gRPC puts before each message: a compressed flag and the message's length.
+FRAME_PREFIX_BYTES = _PREFIX.size
 
 
 def frame_messages(payloads: Sequence[bytes]) -> bytes:
@@ -48,6 +57,39 @@ async def send_encoded(stream: Stream[Any, Any], payloads: Sequence[bytes]) -> N
     stream._messages_sent += len(payloads)
 
 
+async def send_room(stream: Stream[Any, Any]) -> int:
+    """Wait until the client can take more of this stream's data; returns how many bytes
+    (the stream's HTTP/2 send window, which the connection's window also bounds).
+
+    Why: grpclib waits for flow control only once it is handed a message, so a streaming
+    handler that reads its next batch first parks it (read, encoded, framed and copied once
+    more inside grpclib) for as long as the client does not read: a consumer that stopped
+    reading held about 8 MiB of the node's memory. Reading only what fits (`fitting`) once
+    there is room holds nothing while the window is shut.
+    """
+    h2 = stream._stream
+    assert h2.id is not None  # a server's stream has its request's id from the start
+    while True:
+        await h2.connection.write_ready.wait()
+        window = int(h2._h2_connection.local_flow_control_window(h2.id))
+        if window > 0:
+            return window
+        h2.window_updated.clear()
+        await h2.window_updated.wait()
+
+
+def fitting(sizes: Iterable[int], room: int) -> int:
+    """How many leading items of these sizes fit in `room` bytes together; at least one
+    (an item larger than the whole window still has to go, a part at a time)."""
+    used = count = 0
+    for size in sizes:
+        used += size
+        if used > room:
+            break
+        count += 1
+    return max(count, 1)
+
+
 class CorkedTransport:
     """A transport wrapper that coalesces the writes of one event-loop turn into one.
 
@@ -57,7 +99,14 @@ class CorkedTransport:
     turns that into one TLS record and one syscall per turn, at the cost of delaying the
     bytes until the current turn's callbacks have run (which is when they would have been
     sent together anyway under load). Everything but ``write``/``close`` passes through.
+
+    A turn's bytes go down in writes of at most `MAX_WRITE` bytes: the TLS layer encrypts a
+    write whole into an OpenSSL memory buffer, which keeps its largest size for as long as
+    the connection lives, so one 4 MiB write (a consumer's whole flow-control window)
+    pinned 4.5 MiB per connection for good.
     """
+
+    MAX_WRITE = 256 << 10
 
     def __init__(self, inner: asyncio.Transport) -> None:
         self._inner = inner
@@ -76,8 +125,14 @@ class CorkedTransport:
             return
         data = b"".join(self._buffer)
         self._buffer.clear()
-        if not self._inner.is_closing():
+        if self._inner.is_closing():
+            return
+        if len(data) <= self.MAX_WRITE:
             self._inner.write(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), self.MAX_WRITE):
+            self._inner.write(view[start : start + self.MAX_WRITE])
 
     def close(self) -> None:
         self.flush()

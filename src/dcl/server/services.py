@@ -18,7 +18,7 @@ from dcl.api.dcl.v1 import batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.errors import InvalidRequest
 from dcl.server.backend import Backend
-from dcl.server.framing import send_encoded
+from dcl.server.framing import FRAME_PREFIX_BYTES, fitting, send_encoded, send_room
 from dcl.server.records import (
     consume_batch_response,
     consume_response,
@@ -137,13 +137,18 @@ class LogService(log_grpc.LogBase):
         while True:
             if offset >= backend.next_offset:
                 await backend.wait_for(offset)
+            # Only what the client has room for (a consumer that stops reading must not
+            # leave a batch parked in our memory); a few records read past it are dropped.
+            room = await send_room(stream)
             records = backend.read_batch(
-                offset, limits.default_batch_records, limits.default_batch_bytes
+                offset, limits.default_batch_records, min(limits.default_batch_bytes, room)
             )
+            payloads = [encode_consume_response(r) for r in records]
+            del payloads[fitting((len(p) + FRAME_PREFIX_BYTES for p in payloads), room):]
             # One write for the whole batch (dcl.server.framing): per-message sends would
             # cost a DATA frame, a TLS record and a syscall per record.
-            await send_encoded(stream, [encode_consume_response(r) for r in records])
-            offset += len(records)
+            await send_encoded(stream, payloads)
+            offset += len(payloads)
 
     async def ProduceStream(
         self, stream: Stream[log_pb2.ProduceRequest, log_pb2.ProduceResponse]
@@ -242,6 +247,10 @@ class BatchService(batch_grpc.BatchBase):
         while True:
             if offset >= backend.next_offset:
                 await backend.wait_for(offset)
-            records = backend.read_batch(offset, max_records, max_bytes)
+            room = await send_room(stream)  # as in ConsumeStream
+            records = backend.read_batch(offset, max_records, min(max_bytes, room))
+            # Per record: its field key and length (at most 6 bytes); per message: the frame
+            # prefix and the next offset field (at most 11).
+            del records[fitting((len(r) + 6 for r in records), room - FRAME_PREFIX_BYTES - 11):]
             offset += len(records)
             await stream.send_message(consume_batch_response(records, backend.next_offset))

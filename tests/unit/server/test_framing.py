@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
+from typing import Any
 
 from dcl.api.log.v1 import log_pb2
-from dcl.server.framing import CorkedTransport, frame_messages
+from dcl.server.framing import CorkedTransport, fitting, frame_messages
 from dcl.server.records import encode_consume_response, encode_produce_response, encode_record
 
 
@@ -66,6 +68,56 @@ async def test_writes_in_one_loop_turn_reach_the_peer_together_and_in_order() ->
         corked.write(b"after close")  # dropped, not an error
         await asyncio.sleep(0.01)
         assert b.recv(100) == b""  # EOF
+    finally:
+        transport.close()
+        b.close()
+
+
+def test_fitting_counts_the_leading_items_within_the_room_and_at_least_one() -> None:
+    assert fitting([10, 10, 10], 25) == 2
+    assert fitting([10, 10, 10], 30) == 3
+    assert fitting([10, 10, 10], 1000) == 3
+    assert fitting([100, 1], 50) == 1  # larger than the room: still goes, alone
+    assert fitting([], 10) == 1  # callers only ask with at least one item
+
+
+class _Sizes:
+    """Passes writes on to a real transport, noting each one's size."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        self.inner, self.sizes = inner, list[int]()
+
+    def write(self, data: Any) -> None:
+        self.sizes.append(len(data))
+        self.inner.write(data)
+
+    def is_closing(self) -> bool:
+        return self.inner.is_closing()
+
+
+async def test_a_large_turn_goes_down_in_bounded_writes_intact_and_in_order() -> None:
+    """TLS keeps its buffer at the largest write it was handed, for the connection's life."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
+    spy = _Sizes(transport)
+    corked = CorkedTransport(spy)  # type: ignore[arg-type]
+    parts = [os.urandom(700_000), os.urandom(5), os.urandom(CorkedTransport.MAX_WRITE * 2)]
+    try:
+        for part in parts:
+            corked.write(part)
+        received = bytearray()
+        expected = b"".join(parts)
+        async with asyncio.timeout(10):
+            while len(received) < len(expected):
+                received += await loop.sock_recv(b, 1 << 20)
+        assert bytes(received) == expected
+        assert max(spy.sizes) == CorkedTransport.MAX_WRITE
+        assert sum(spy.sizes) == len(expected)
+        corked.write(b"small")  # a turn under the bound is one write, as before
+        await asyncio.sleep(0.01)
+        assert spy.sizes[-1] == 5
     finally:
         transport.close()
         b.close()
