@@ -262,6 +262,19 @@ async def test_a_reader_with_the_smallest_window_gets_every_record_once_in_order
         assert [r.offset for r in records] == list(range(len(values)))
         assert [r.value for r in records] == values
         assert replies > 100  # 7 MiB in 3 MiB replies would be 3; in 64 KiB windows, many
+
+        # Unary calls too read no more than the client has room for, 1 MiB at least.
+        records, calls = [], 0
+        while len(records) < len(values):
+            page = await batch_grpc.BatchStub(narrow).ConsumeBatch(batch_pb2.ConsumeBatchRequest(
+                offset=len(records), max_bytes=3 << 20))
+            assert page is not None and page.records
+            assert sum(len(r.value) for r in page.records[:-1]) < 1 << 20
+            records += page.records
+            calls += 1
+        assert [r.offset for r in records] == list(range(len(values)))
+        assert [r.value for r in records] == values
+        assert calls >= 7  # 7 MiB, at most 1 MiB (and a record) per call
     finally:
         narrow.close()
 

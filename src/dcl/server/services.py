@@ -69,6 +69,10 @@ class Limits:
         return records, min(max_bytes or self.default_batch_bytes, self.max_batch_bytes)
 
 
+#: The least a unary read takes once its client has any room (see `ConsumeBatch`).
+MIN_UNARY_READ = 1 << 20
+
+
 async def _recv_one(stream: Stream[_Req, Any]) -> _Req:
     request = await stream.recv_message()
     if request is None:
@@ -126,6 +130,7 @@ class LogService(log_grpc.LogBase):
         self, stream: Stream[log_pb2.ConsumeRequest, log_pb2.ConsumeResponse]
     ) -> None:
         request = await _recv_one(stream)
+        await send_room(stream)  # as in ConsumeBatch
         await stream.send_message(consume_response(self._backend.read(request.offset)))
 
     async def ConsumeStream(
@@ -234,7 +239,13 @@ class BatchService(batch_grpc.BatchBase):
         next_offset = backend.next_offset
         records: list[bytes] = []
         if request.offset != next_offset:
-            records = backend.read_batch(request.offset, max_records, max_bytes)
+            # Not before the client has room for it: calls a client leaves unread (100 on
+            # one connection) would each park a batch in our memory (400 MiB per connection
+            # of 3 MiB batches). A send uses the room at once, so while the connection's
+            # window is shut the calls after it wait here holding nothing. At least
+            # `MIN_UNARY_READ`, so a client with small windows still gets useful batches.
+            room = max(await send_room(stream), MIN_UNARY_READ)
+            records = backend.read_batch(request.offset, max_records, min(max_bytes, room))
         await stream.send_message(consume_batch_response(records, backend.next_offset))
 
     async def ConsumeBatchStream(
