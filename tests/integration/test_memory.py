@@ -91,6 +91,10 @@ async def test_consumers_that_stop_reading_hold_little_of_the_nodes_memory(
       417 MiB for the two; now about 3 MiB (the calls wait for room before reading).
     - 1 connection with 100 unary Consume calls of the 1 MB records left unread: before,
       421 MiB; now about 5 MiB.
+
+    And readers that did read: 40 connections that each took one 3 MiB batch and stay
+    open held 148 MiB (TLS keeps a buffer of the largest write for the connection's life);
+    now about 25 MiB.
     """
     cluster = Cluster(pki, tmp_path, size=1)
     async with cluster:
@@ -133,6 +137,13 @@ async def test_consumers_that_stop_reading_hold_little_of_the_nodes_memory(
                 await leave_unread(log.Consume.open(),
                                    log_pb2.ConsumeRequest(offset=large + i % 8), False)
             singles = await settled_rss(node)
+            # And readers that did read, and stay connected.
+            for _ in range(40):
+                reader = batch_grpc.BatchStub(stack.enter_context(node.channel()))
+                page = await reader.ConsumeBatch(
+                    batch_pb2.ConsumeBatchRequest(offset=0, max_records=16384, max_bytes=3 * MIB))
+                assert page is not None and len(page.records) > 2000
+            idle = await settled_rss(node)
             # Everyone else is still served: a write is acked, a new reader gets the tail.
             offset = await node.produce(b"after the stall")
             assert offset == large + 8
@@ -140,7 +151,9 @@ async def test_consumers_that_stop_reading_hold_little_of_the_nodes_memory(
             for stream in unread:
                 with contextlib.suppress(StreamClosedError):  # the calls answered in full
                     await stream.cancel()
-    growth = [(streams - before) / MIB, (batches - streams) / MIB, (singles - batches) / MIB]
+    growth = [(streams - before) / MIB, (batches - streams) / MIB, (singles - batches) / MIB,
+              (idle - singles) / MIB]
     assert growth[0] < 40 * 2, f"40 stalled streams hold {growth[0]:.0f} MiB"
     assert growth[1] < 2 * 16, f"200 unread ConsumeBatch calls hold {growth[1]:.0f} MiB"
     assert growth[2] < 16, f"100 unread Consume calls hold {growth[2]:.0f} MiB"
+    assert growth[3] < 40, f"40 idle connections after a large read hold {growth[3]:.0f} MiB"
