@@ -217,7 +217,7 @@ async def test_a_reader_with_the_smallest_window_gets_every_record_once_in_order
 ) -> None:
     """Streams send only what the client's flow-control window has room for (so a reader
     that stops reading holds no batch in the node's memory). A 64 KiB window, the least
-    HTTP/2 allows, against records from 10 B to 200 KiB (larger than the whole window,
+    grpclib allows, against records from 10 B to 200 KiB (larger than the whole window,
     so sent a part at a time), and runs of small records whose framing overflows what
     is left of the window: every record arrives once, in order, on both streams."""
     sizes = [10, 1000, 30_000, 200_000, 100, 64_000]
@@ -261,22 +261,49 @@ async def test_a_reader_with_the_smallest_window_gets_every_record_once_in_order
             await bstream.cancel()
         assert [r.offset for r in records] == list(range(len(values)))
         assert [r.value for r in records] == values
-        assert replies > 100  # 7 MiB in 3 MiB replies would be 3; in 64 KiB windows, many
+        assert replies > 100  # 3.4 MB in 3 MiB replies would be 2; in 64 KiB windows, many
 
         # Unary calls too read no more than the client has room for, 1 MiB at least.
         records, calls = [], 0
         while len(records) < len(values):
             page = await batch_grpc.BatchStub(narrow).ConsumeBatch(batch_pb2.ConsumeBatchRequest(
-                offset=len(records), max_bytes=3 << 20))
+                offset=len(records), max_records=16384, max_bytes=3 << 20))
             assert page is not None and page.records
             assert sum(len(r.value) for r in page.records[:-1]) < 1 << 20
             records += page.records
             calls += 1
         assert [r.offset for r in records] == list(range(len(values)))
         assert [r.value for r in records] == values
-        assert calls >= 7  # 7 MiB, at most 1 MiB (and a record) per call
+        assert calls >= 4  # 3.4 MB: 2 calls of 3 MiB; at most 1 MiB (and a record) per call
     finally:
         narrow.close()
+
+
+async def test_an_out_of_range_read_is_answered_at_once_while_the_connection_is_full(
+    node: Node,
+) -> None:
+    """Reads wait for the client's flow-control room before reading; a read that can only
+    fail must not: its status is headers only, which flow control does not hold back. Here
+    a stream the client does not read has used the connection's whole window."""
+    batch = batch_grpc.BatchStub(node.channel())
+    values = [b"v" * 1024] * 512
+    for _ in range(12):  # 6 MiB, more than the client's 4 MiB connection window
+        await batch.ProduceBatch(batch_pb2.ProduceBatchRequest(values=values))
+    channel = node.channel()
+    async with batch_grpc.BatchStub(channel).ConsumeBatchStream.open() as stalled:
+        await stalled.send_message(
+            batch_pb2.ConsumeBatchRequest(offset=0, max_records=16384, max_bytes=3 << 20),
+            end=True)
+        await asyncio.sleep(0.5)  # the window fills; the client reads none of it
+        with pytest.raises(GRPCError) as single:
+            await log_grpc.LogStub(channel).Consume(log_pb2.ConsumeRequest(offset=10**9),
+                                                    timeout=3)
+        assert single.value.status is Status.OUT_OF_RANGE
+        with pytest.raises(GRPCError) as paged:
+            await batch_grpc.BatchStub(channel).ConsumeBatch(
+                batch_pb2.ConsumeBatchRequest(offset=10**9), timeout=3)
+        assert paged.value.status is Status.OUT_OF_RANGE
+        await stalled.cancel()
 
 
 async def test_get_servers_reports_this_node_as_leader(node: Node) -> None:

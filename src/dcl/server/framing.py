@@ -100,10 +100,14 @@ class CorkedTransport:
     bytes until the current turn's callbacks have run (which is when they would have been
     sent together anyway under load). Everything but ``write``/``close`` passes through.
 
-    A turn's bytes go down in writes of at most `MAX_WRITE` bytes: the TLS layer encrypts a
-    write whole into an OpenSSL memory buffer, which keeps its largest size for as long as
-    the connection lives, so one 4 MiB write (a consumer's whole flow-control window)
-    pinned 4.5 MiB per connection for good.
+    A turn's bytes go down in writes of at most `MAX_WRITE` bytes, one per loop turn, and
+    none while the transport has asked us to pause (`pause`/`resume`, from the protocol's
+    `pause_writing`/`resume_writing`): the TLS layer encrypts each write whole into an
+    OpenSSL memory buffer, which holds what the socket has not taken and keeps its largest
+    size for as long as the connection lives. One 4 MiB write (a consumer's whole
+    flow-control window) pinned 4.5 MiB per connection for good; pieces written regardless
+    of the pause piled up there as well once the socket pushed back. A turn per piece also
+    lets a lost connection stop the writes before the next piece.
     """
 
     MAX_WRITE = 256 << 10
@@ -111,31 +115,62 @@ class CorkedTransport:
     def __init__(self, inner: asyncio.Transport) -> None:
         self._inner = inner
         self._buffer: list[bytes] = []
+        #: What is left of a turn's bytes after the pieces written so far.
+        self._rest: memoryview | None = None
+        self._paused = self._lost = False
         self._loop = asyncio.get_running_loop()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        if not self._buffer:
+        if not self._buffer and self._rest is None:
             self._loop.call_soon(self.flush)
         self._buffer.append(bytes(data))
 
     def flush(self) -> None:
-        if not self._buffer:
+        """Write the next piece; called a turn after the first write, then a turn per piece
+        while there is more, and on `resume`."""
+        if self._paused:
             return
-        data = b"".join(self._buffer)
-        self._buffer.clear()
-        if self._inner.is_closing():
+        rest = self._take()
+        if rest is None:
             return
-        if len(data) <= self.MAX_WRITE:
-            self._inner.write(data)
-            return
-        view = memoryview(data)
-        for start in range(0, len(data), self.MAX_WRITE):
-            self._inner.write(view[start : start + self.MAX_WRITE])
+        self._rest = rest[self.MAX_WRITE :] if len(rest) > self.MAX_WRITE else None
+        if self._rest is not None or self._buffer:
+            self._loop.call_soon(self.flush)
+        self._inner.write(rest[: self.MAX_WRITE])
+
+    def _take(self) -> memoryview | None:
+        """The bytes still to write (or None: nothing, or nowhere to write them)."""
+        if self._lost or self._inner.is_closing():
+            self._rest, self._buffer = None, []
+            return None
+        if self._rest is None:
+            if not self._buffer:
+                return None
+            self._rest = memoryview(b"".join(self._buffer))
+            self._buffer.clear()
+        return self._rest
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self.flush()
+
+    def lost(self) -> None:
+        """The connection is gone: drop what is buffered."""
+        self._lost = True
+        self._take()
 
     def close(self) -> None:
-        self.flush()
+        """Everything buffered goes down now, paused or not (then TLS closes after it)."""
+        rest = self._take()
+        self._rest = None
+        if rest is not None:
+            for start in range(0, len(rest), self.MAX_WRITE):
+                self._inner.write(rest[start : start + self.MAX_WRITE])
         self._inner.close()
 
     def is_closing(self) -> bool:

@@ -197,6 +197,7 @@ class _CorkedH2Protocol(H2Protocol):
         self._connections = connections
         self._cap = cap
         self._transport: asyncio.Transport | None = None
+        self._corked: CorkedTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called once TLS is up: from now on the cap does not cut this one to make room.
@@ -205,12 +206,24 @@ class _CorkedH2Protocol(H2Protocol):
             self._cap.established(sock.fileno())
         self._transport = cast(asyncio.Transport, transport)
         self._connections.add(self._transport)
-        corked = CorkedTransport(self._transport)
-        super().connection_made(cast(asyncio.BaseTransport, corked))  # duck-typed wrapper
+        self._corked = CorkedTransport(self._transport)
+        super().connection_made(cast(asyncio.BaseTransport, self._corked))  # duck-typed
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._corked is not None:
+            self._corked.pause()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._corked is not None:
+            self._corked.resume()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._transport is not None:
             self._connections.discard(self._transport)
+        if self._corked is not None:
+            self._corked.lost()
         super().connection_lost(exc)
 
 

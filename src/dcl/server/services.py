@@ -73,6 +73,15 @@ class Limits:
 MIN_UNARY_READ = 1 << 20
 
 
+async def _room_to_read(stream: Stream[Any, Any], backend: Backend, offset: int) -> int:
+    """The client's room for what a read at `offset` sends (`send_room`); but 1 at once
+    when the offset is not in the log, so the read's error goes out without waiting (a
+    status is headers only, which flow control does not hold back)."""
+    if backend.lowest_offset <= offset < backend.next_offset:
+        return await send_room(stream)
+    return 1
+
+
 async def _recv_one(stream: Stream[_Req, Any]) -> _Req:
     request = await stream.recv_message()
     if request is None:
@@ -130,7 +139,7 @@ class LogService(log_grpc.LogBase):
         self, stream: Stream[log_pb2.ConsumeRequest, log_pb2.ConsumeResponse]
     ) -> None:
         request = await _recv_one(stream)
-        await send_room(stream)  # as in ConsumeBatch
+        await _room_to_read(stream, self._backend, request.offset)  # as in ConsumeBatch
         await stream.send_message(consume_response(self._backend.read(request.offset)))
 
     async def ConsumeStream(
@@ -144,7 +153,7 @@ class LogService(log_grpc.LogBase):
                 await backend.wait_for(offset)
             # Only what the client has room for (a consumer that stops reading must not
             # leave a batch parked in our memory); a few records read past it are dropped.
-            room = await send_room(stream)
+            room = await _room_to_read(stream, backend, offset)
             records = backend.read_batch(
                 offset, limits.default_batch_records, min(limits.default_batch_bytes, room)
             )
@@ -244,7 +253,7 @@ class BatchService(batch_grpc.BatchBase):
             # of 3 MiB batches). A send uses the room at once, so while the connection's
             # window is shut the calls after it wait here holding nothing. At least
             # `MIN_UNARY_READ`, so a client with small windows still gets useful batches.
-            room = max(await send_room(stream), MIN_UNARY_READ)
+            room = max(await _room_to_read(stream, backend, request.offset), MIN_UNARY_READ)
             records = backend.read_batch(request.offset, max_records, min(max_bytes, room))
         await stream.send_message(consume_batch_response(records, backend.next_offset))
 
@@ -258,7 +267,7 @@ class BatchService(batch_grpc.BatchBase):
         while True:
             if offset >= backend.next_offset:
                 await backend.wait_for(offset)
-            room = await send_room(stream)  # as in ConsumeStream
+            room = await _room_to_read(stream, backend, offset)  # as in ConsumeStream
             records = backend.read_batch(offset, max_records, min(max_bytes, room))
             # Per record: its field key and length (at most 6 bytes); per message: the frame
             # prefix and the next offset field (at most 11).

@@ -6,11 +6,14 @@ import asyncio
 import os
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 from dcl.api.log.v1 import log_pb2
+from dcl.server.certs import generate_pki
 from dcl.server.framing import CorkedTransport, fitting, frame_messages
 from dcl.server.records import encode_consume_response, encode_produce_response, encode_record
+from dcl.tls import client_context, server_context
 
 
 def parse_frames(data: bytes) -> list[bytes]:
@@ -121,3 +124,62 @@ async def test_a_large_turn_goes_down_in_bounded_writes_intact_and_in_order() ->
     finally:
         transport.close()
         b.close()
+
+
+class _CorkedSide(asyncio.Protocol):
+    """A server side that writes through a CorkedTransport, as DclServer's protocol does."""
+
+    def __init__(self, accepted: asyncio.Future[_CorkedSide]) -> None:
+        self.accepted = accepted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+        self.transport = transport
+        self.corked = CorkedTransport(transport)  # type: ignore[arg-type]
+        self.accepted.set_result(self)
+
+    def pause_writing(self) -> None:
+        self.corked.pause()
+
+    def resume_writing(self) -> None:
+        self.corked.resume()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.corked.lost()
+
+
+async def test_a_turn_larger_than_a_slow_reader_takes_waits_for_it_instead_of_piling_up_in_tls(
+    tmp_path: Path,
+) -> None:
+    """8 MiB written in one turn to a TLS client that reads nothing for a while: TLS holds
+    at most its high-water mark (512 KiB) and one piece, not the 8 MiB the socket could
+    not take (OpenSSL keeps that buffer's largest size for the connection's life); once
+    the client reads, every byte arrives, in order."""
+    pki = generate_pki(tmp_path / "pki")
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[_CorkedSide] = loop.create_future()
+    server = await loop.create_server(
+        lambda: _CorkedSide(accepted), "127.0.0.1", 0,
+        ssl=server_context(pki.server_cert, pki.server_key, pki.ca_cert))
+    port = server.sockets[0].getsockname()[1]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    sock.connect(("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(
+        sock=sock, server_hostname="localhost",
+        ssl=client_context(pki.root_client_cert, pki.root_client_key, pki.ca_cert))
+    try:
+        side = await asyncio.wait_for(accepted, 10)
+        data = os.urandom(8 << 20)
+        for start in range(0, len(data), 100_000):  # grpclib's many writes in one turn
+            side.corked.write(data[start : start + 100_000])
+        await asyncio.sleep(1)  # the socket and the unread client fill up meanwhile
+        held = side.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        assert held <= (512 << 10) + CorkedTransport.MAX_WRITE, held
+        received = await asyncio.wait_for(reader.readexactly(len(data)), 30)
+        assert received == data
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()
