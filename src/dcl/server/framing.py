@@ -117,19 +117,25 @@ class CorkedTransport:
         self._buffer: list[bytes] = []
         #: What is left of a turn's bytes after the pieces written so far.
         self._rest: memoryview | None = None
-        self._paused = self._lost = False
+        self._paused = self._lost = self._scheduled = False
         self._loop = asyncio.get_running_loop()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        if not self._buffer and self._rest is None:
-            self._loop.call_soon(self.flush)
         self._buffer.append(bytes(data))
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """One flush pending at a time (a second would write two pieces per turn)."""
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write the next piece; called a turn after the first write, then a turn per piece
-        while there is more, and on `resume`."""
+        """Write the next piece; runs a turn after a write, then a turn per piece while
+        there is more, and again after `resume`."""
+        self._scheduled = False
         if self._paused:
             return
         rest = self._take()
@@ -137,7 +143,7 @@ class CorkedTransport:
             return
         self._rest = rest[self.MAX_WRITE :] if len(rest) > self.MAX_WRITE else None
         if self._rest is not None or self._buffer:
-            self._loop.call_soon(self.flush)
+            self._schedule()
         self._inner.write(rest[: self.MAX_WRITE])
 
     def _take(self) -> memoryview | None:
@@ -157,7 +163,8 @@ class CorkedTransport:
 
     def resume(self) -> None:
         self._paused = False
-        self.flush()
+        if self._rest is not None or self._buffer:
+            self._schedule()
 
     def lost(self) -> None:
         """The connection is gone: drop what is buffered."""
@@ -166,11 +173,12 @@ class CorkedTransport:
 
     def close(self) -> None:
         """Everything buffered goes down now, paused or not (then TLS closes after it)."""
-        rest = self._take()
-        self._rest = None
-        if rest is not None:
+        if not (self._lost or self._inner.is_closing()):
+            parts: list[bytes | memoryview] = [] if self._rest is None else [self._rest]
+            rest = memoryview(b"".join([*parts, *self._buffer]))
             for start in range(0, len(rest), self.MAX_WRITE):
                 self._inner.write(rest[start : start + self.MAX_WRITE])
+        self._rest, self._buffer = None, []
         self._inner.close()
 
     def is_closing(self) -> bool:

@@ -183,3 +183,54 @@ async def test_a_turn_larger_than_a_slow_reader_takes_waits_for_it_instead_of_pi
         writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_close_sends_what_was_written_while_a_large_turn_was_going_down() -> None:
+    """grpclib closes on a client's GOAWAY or a failed keepalive; a call's trailers written
+    after a large turn started going down in pieces must still go out before the close."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
+    corked = CorkedTransport(transport)
+    big = os.urandom(CorkedTransport.MAX_WRITE * 3)
+    try:
+        corked.write(big)
+        await asyncio.sleep(0)  # one piece down, two pending
+        corked.write(b"TRAILERS")
+        corked.close()
+        received = bytearray()
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(b, 1 << 20):
+                received += chunk
+        assert bytes(received) == big + b"TRAILERS"
+    finally:
+        b.close()
+
+
+async def test_pieces_go_down_one_per_loop_turn_across_a_pause() -> None:
+    a, b = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
+    spy = _Sizes(transport)
+    corked = CorkedTransport(spy)  # type: ignore[arg-type]
+    reader = loop.create_task(_drain(loop, b))
+    try:
+        corked.pause()
+        corked.write(os.urandom(CorkedTransport.MAX_WRITE * 6))
+        await asyncio.sleep(0)
+        assert spy.sizes == []  # paused: nothing goes down
+        corked.resume()
+        for turn in range(1, 7):
+            await asyncio.sleep(0)
+            assert len(spy.sizes) == turn
+    finally:
+        transport.close()
+        reader.cancel()
+        b.close()
+
+
+async def _drain(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    sock.setblocking(False)
+    while await loop.sock_recv(sock, 1 << 20):
+        pass
