@@ -169,13 +169,13 @@ class CorkedTransport:
     def lost(self) -> None:
         """The connection is gone: drop what is buffered."""
         self._lost = True
-        self._take()
+        self._rest, self._buffer = None, []
 
     def close(self) -> None:
         """Everything buffered goes down now, paused or not (then TLS closes after it)."""
-        if not (self._lost or self._inner.is_closing()):
-            parts: list[bytes | memoryview] = [] if self._rest is None else [self._rest]
-            rest = memoryview(b"".join([*parts, *self._buffer]))
+        rest = self._take()
+        if rest is not None:
+            rest = memoryview(b"".join([rest, *self._buffer]))
             for start in range(0, len(rest), self.MAX_WRITE):
                 self._inner.write(rest[start : start + self.MAX_WRITE])
         self._rest, self._buffer = None, []

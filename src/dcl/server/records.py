@@ -16,6 +16,8 @@ from dcl.api.dcl.v1 import batch_pb2
 from dcl.api.log.v1 import log_pb2
 
 __all__ = [
+    "BATCH_OVERHEAD_BYTES",
+    "BATCH_RECORD_OVERHEAD_BYTES",
     "consume_batch_response",
     "consume_response",
     "encode_consume_batch",
@@ -53,6 +55,12 @@ def encode_record(value: bytes, offset: int, term: int = 0) -> bytes:
     if term:
         parts += [_RECORD_TERM, encode_varint(term)]
     return b"".join(parts)
+
+
+#: The most bytes `encode_consume_batch` adds to each record (its field key and a length of
+#: at most 5 bytes) and to the message (the next offset field), to size a batch in advance.
+BATCH_RECORD_OVERHEAD_BYTES = 6
+BATCH_OVERHEAD_BYTES = 11
 
 
 def encode_consume_batch(records: Sequence[bytes], next_offset: int) -> bytes:

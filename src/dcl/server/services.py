@@ -20,6 +20,8 @@ from dcl.errors import InvalidRequest
 from dcl.server.backend import Backend
 from dcl.server.framing import FRAME_PREFIX_BYTES, fitting, send_encoded, send_room
 from dcl.server.records import (
+    BATCH_OVERHEAD_BYTES,
+    BATCH_RECORD_OVERHEAD_BYTES,
     consume_batch_response,
     consume_response,
     encode_consume_response,
@@ -269,8 +271,8 @@ class BatchService(batch_grpc.BatchBase):
                 await backend.wait_for(offset)
             room = await _room_to_read(stream, backend, offset)  # as in ConsumeStream
             records = backend.read_batch(offset, max_records, min(max_bytes, room))
-            # Per record: its field key and length (at most 6 bytes); per message: the frame
-            # prefix and the next offset field (at most 11).
-            del records[fitting((len(r) + 6 for r in records), room - FRAME_PREFIX_BYTES - 11):]
+            fits = fitting((len(r) + BATCH_RECORD_OVERHEAD_BYTES for r in records),
+                           room - FRAME_PREFIX_BYTES - BATCH_OVERHEAD_BYTES)
+            del records[fits:]
             offset += len(records)
             await stream.send_message(consume_batch_response(records, backend.next_offset))

@@ -8,8 +8,11 @@ from hypothesis import strategies as st
 
 from dcl.api.log.v1 import log_pb2
 from dcl.server.records import (
+    BATCH_OVERHEAD_BYTES,
+    BATCH_RECORD_OVERHEAD_BYTES,
     consume_batch_response,
     consume_response,
+    encode_consume_batch,
     encode_record,
     encode_varint,
 )
@@ -46,3 +49,14 @@ def test_consume_batch_response_carries_records_in_order(
 def test_consume_response_wraps_a_stored_record() -> None:
     response = consume_response(encode_record(b"payload", 42))
     assert (response.record.value, response.record.offset) == (b"payload", 42)
+
+
+def test_a_consume_batch_is_never_larger_than_its_overhead_bounds() -> None:
+    """Streams size a batch to the client's window from these bounds before encoding it."""
+    for records, next_offset in [
+        ([b""], 0),
+        ([encode_record(b"x" * (1 << 20), 2**63 - 1, 2**63 - 1)], 2**64 - 1),
+        ([encode_record(b"v" * n, n) for n in (0, 127, 128, 16383, 16384, 2**21)], 2**40),
+    ]:
+        bound = sum(len(r) + BATCH_RECORD_OVERHEAD_BYTES for r in records) + BATCH_OVERHEAD_BYTES
+        assert len(encode_consume_batch(records, next_offset)) <= bound
