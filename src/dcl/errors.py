@@ -10,6 +10,8 @@ import re
 
 #: How `OffsetOutOfRange` names the range the log holds, in its message (and so on the wire).
 _HELD = re.compile(r"\(log holds \[(\d+), (\d+)\)\)")
+#: How `InsufficientStorage` names the node and its figures, in its message.
+_STORAGE = re.compile(r"node (\S+) has (\d+) bytes of disk free, below its reserve of (\d+)")
 
 
 class DclError(Exception):
@@ -73,6 +75,35 @@ class PermissionDenied(DclError):
 
 class Unavailable(DclError):
     """The cluster cannot serve the request now (no leader, shutting down); retry may help."""
+
+
+class InsufficientStorage(DclError):
+    """The node's disk has less free space than its reserve (`--min-free-bytes`): it takes
+    no new records until space is freed. Nothing was appended, so a retry cannot duplicate;
+    it succeeds once retention or an operator frees space.
+
+    Its wire form (RESOURCE_EXHAUSTED, a message starting with `PREFIX`) is how clients tell
+    it from an oversize message, which shares the status but will never succeed."""
+
+    PREFIX = "insufficient storage: "
+
+    def __init__(self, node: str, free_bytes: int, reserve_bytes: int) -> None:
+        self.node = node
+        self.free_bytes = free_bytes
+        self.reserve_bytes = reserve_bytes
+        super().__init__(
+            f"{self.PREFIX}node {node} has {free_bytes} bytes of disk free, below its reserve "
+            f"of {reserve_bytes} (--min-free-bytes); nothing was appended, and writes resume "
+            "once space is freed")
+
+    @classmethod
+    def from_message(cls, message: str) -> InsufficientStorage:
+        """Rebuilt on the client from the server's status message (its figures included)."""
+        found = _STORAGE.search(message)
+        error = (cls(found[1], int(found[2]), int(found[3])) if found
+                 else cls("<unknown>", -1, -1))
+        error.args = (message,)  # the server's wording
+        return error
 
 
 class CommitTimeout(DclError):

@@ -51,6 +51,7 @@ from dcl.server.server import (
     default_max_connections,
 )
 from dcl.storage import LogConfig
+from dcl.storage.space import DEFAULT_RESERVE_BYTES, DiskSpace
 from dcl.tls import (
     CertificateError,
     LiveContext,
@@ -125,6 +126,8 @@ class AgentConfig:
     #: `LogFsm.enforce_retention`. Checked every `checkpoint_seconds`.
     retention_bytes: int = 0
     retention_seconds: float = 0.0
+    #: Free disk space kept for the node itself (see dcl.storage.space); 0: none.
+    min_free_bytes: int = DEFAULT_RESERVE_BYTES
     tick_seconds: float = 0.05
     election_tick: int = 10
     #: While writes are steady, the leader may hold a new commit index this long for its
@@ -179,6 +182,7 @@ class Agent:
         self.backend: ReplicatedBackend
         self.server: DclServer
         self.fsm: LogFsm
+        self.disk: DiskSpace
         self._transport: GrpcTransport
         self.membership: Membership | None = None
         self.metrics: NodeMetrics | None = None
@@ -339,6 +343,8 @@ class Agent:
         cfg = self.config
         data = Path(cfg.data_dir)
         data.mkdir(parents=True, exist_ok=True)
+        self.disk = DiskSpace(data, cfg.min_free_bytes, node=cfg.node_name)
+        self.disk.free_bytes()  # a disk already below its reserve is logged at start
         self.fsm = LogFsm(data / "fsm", LogConfig(max_store_bytes=cfg.segment_bytes),
                           retention=Retention(cfg.retention_bytes, cfg.retention_seconds))
         self._undo.append(self._close_fsm)
@@ -367,6 +373,7 @@ class Agent:
             snapshot_max_log_bytes=cfg.snapshot_log_bytes,
             max_log_memory_bytes=cfg.raft_log_memory_bytes or None,
             commit_announce_delay=cfg.commit_announce_seconds,
+            disk=self.disk,
         )
         self.backend = ReplicatedBackend(self.driver, self.fsm, cfg.rpc_addr)
         self.driver.on_role_change = self._on_role_change

@@ -144,6 +144,22 @@ class NodeMetrics:
         yield gauge("dcl_log_bytes", "Bytes of the commit log's store files.",
                     backend.log_bytes)
         yield gauge("dcl_log_segments", "Segments of the commit log.", segments)
+        disk = driver.disk
+        if disk is not None:
+            yield gauge("dcl_disk_free_bytes",
+                        "Free space of the data directory's filesystem (for its user).",
+                        disk.free_bytes())
+            yield gauge("dcl_disk_reserve_bytes",
+                        "Free space the node keeps (--min-free-bytes); below it, it takes "
+                        "no new records.", disk.reserve_bytes)
+            yield gauge("dcl_disk_low", "1 while free space is below the reserve.",
+                        int(disk.low))
+            yield Family("dcl_disk_refusals_total", "counter",
+                         "What the node refused for a low disk since start: appends "
+                         "(client records, on a leader) and replication (entries and "
+                         "snapshot chunks dropped, on a follower).", ("kind",),
+                         [("", ("appends",), disk.refused),
+                          ("", ("replication",), driver.dropped_for_disk)])
         yield gauge("dcl_rpc_active_calls", "Calls inside a handler (open streams included).",
                     self._server.active_calls)
         cap = self._server.connection_cap

@@ -24,6 +24,7 @@ import yaml
 from dcl.addresses import split_host_port
 from dcl.agent.agent import Agent, AgentConfig, ReloadFailed
 from dcl.raft.storage import DEFAULT_RETAIN_BYTES
+from dcl.storage.space import DEFAULT_RESERVE_BYTES
 
 log = logging.getLogger("dcl.agent")
 
@@ -33,7 +34,7 @@ _KEYS = (
     "server_tls_key_file", "server_tls_ca_file", "peer_tls_cert_file", "peer_tls_key_file",
     "peer_tls_ca_file", "gossip_key_file", "snapshot_threshold", "snapshot_log_bytes",
     "raft_retain_bytes", "raft_log_memory_bytes", "segment_bytes", "retention_bytes",
-    "retention_ms", "log_level",
+    "retention_ms", "min_free_bytes", "log_level",
     "peer_dial_overrides", "insecure_gossip", "commit_announce_ms", "metrics_port",
     "max_connections", "max_connections_per_host", "tls_handshake_timeout_ms",
 )
@@ -148,6 +149,7 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> AgentConfi
         segment_bytes=count("segment_bytes", 64 << 20, least=1),  # a segment holds bytes
         retention_bytes=count("retention_bytes", 0),
         retention_seconds=count("retention_ms", 0) / 1000,
+        min_free_bytes=count("min_free_bytes", DEFAULT_RESERVE_BYTES),
         log_level=str(merged.get("log_level", "INFO")),
         commit_announce_seconds=announce_ms / 1000,
         metrics_port=metrics_port or None,
@@ -308,6 +310,12 @@ def agent(
         "retention_ms",
         "Drop a commit log segment once its newest record is this old (as Kafka's "
         "retention.ms). 0 (the default): never.")] = None,
+    min_free_bytes: Annotated[int | None, _opt(
+        "min_free_bytes",
+        "Free disk space the node keeps for itself: below it, the leader refuses new records "
+        "(RESOURCE_EXHAUSTED, nothing appended) and a follower takes none, until retention or "
+        "an operator frees space; reads go on. A disk that fills stops the node. Default "
+        "268435456 (256 MiB); 0: no reserve.")] = None,
     commit_announce_ms: Annotated[float | None, _opt(
         "commit_announce_ms",
         "While writes are steady, hold a commit's notice to followers up to this long for "

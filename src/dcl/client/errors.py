@@ -10,6 +10,7 @@ from grpclib.const import Status
 
 from dcl.errors import (
     DclError,
+    InsufficientStorage,
     InvalidRequest,
     NotLeader,
     OffsetOutOfRange,
@@ -95,6 +96,9 @@ def from_status(
         return _with_message(PermissionDenied("<this client>", "call"), message)
     if status in (Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED):
         return Unavailable(f"{status.name}: {message or ''}")
+    if status is Status.RESOURCE_EXHAUSTED and (message or "").startswith(
+            InsufficientStorage.PREFIX):
+        return InsufficientStorage.from_message(message or "")
     if status in (Status.INVALID_ARGUMENT, Status.RESOURCE_EXHAUSTED):
         return InvalidRequest(message or status.name)
     if status is Status.FAILED_PRECONDITION:

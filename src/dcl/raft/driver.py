@@ -32,6 +32,7 @@ from dcl.raft.types import (
     ConfChange,
     Config,
     Entry,
+    InstallSnapshot,
     Message,
     Ready,
     Role,
@@ -39,6 +40,7 @@ from dcl.raft.types import (
     Status,
 )
 from dcl.storage.aio import AioFsync, AioRefused
+from dcl.storage.space import DiskSpace
 
 __all__ = ["Fsm", "RaftDriver", "Transport"]
 
@@ -69,6 +71,10 @@ class Fsm(Protocol):
 
     def checkpoint(self) -> None:
         """Make the applied state durable (called off the loop, before compaction)."""
+        ...
+
+    def state_bytes(self) -> int:
+        """About how large a snapshot of the state is (to check the disk has room for one)."""
         ...
 
 
@@ -142,6 +148,7 @@ class RaftDriver:
         commit_announce_delay: float = 0.002,
         rng: random.Random | None = None,
         async_fsync: bool = True,
+        disk: DiskSpace | None = None,
     ) -> None:
         hard_state, snapshot, entries = storage.load()
         if snapshot is not None and snapshot.meta.index > applied:
@@ -167,6 +174,13 @@ class RaftDriver:
         )
         #: Appends refused since the log filled (`log_memory_full`), for the log line.
         self._refused_appends = 0
+        #: The data directory's free space against its reserve (see dcl.storage.space): a
+        #: follower whose disk is low drops entries and snapshot chunks, as lost messages.
+        self.disk = disk
+        #: Entries and snapshot chunks dropped on a low disk (metrics).
+        self.dropped_for_disk = 0
+        #: The last snapshot due found no room for it (logged once until it does).
+        self._snapshot_waits_for_space = False
         self._wake = asyncio.Event()
         #: index -> (term, settle(error, result), commit-timeout timer), one per proposal.
         self._waiters: dict[int, tuple[int, _Settle, asyncio.TimerHandle]] = {}
@@ -241,6 +255,13 @@ class RaftDriver:
     def receive(self, m: Message) -> None:
         """A message from a peer (called by the transport service)."""
         if m.dst != self.node_id:
+            return
+        if (self.disk is not None and (type(m) is InstallSnapshot
+                                       or (type(m) is AppendEntries and m.entries))
+                and self.disk.low):
+            # Dropped, not answered, as below: writing them could fill the disk, which stops
+            # the node. The leader resends once this node answers again (space freed).
+            self.dropped_for_disk += 1
             return
         if type(m) is AppendEntries and m.entries:
             if self.log_memory_full:
@@ -323,7 +344,8 @@ class RaftDriver:
         # applied: the loop starts it next, after that Ready if need be.
         return self.snapshot_in_progress or (
             log_bytes >= self._snapshot_max_log_bytes
-            and self._snapshot_allowed(self.core.commit_index))
+            and self._snapshot_allowed(self.core.commit_index)
+            and self._room_for_snapshot())
 
     @property
     def snapshot_in_progress(self) -> bool:
@@ -614,6 +636,24 @@ class RaftDriver:
         return (self._snapshot_every > 0 and not self._stopping
                 and upto >= self._snapshot_after and upto >= self.core.first_index)
 
+    def _room_for_snapshot(self) -> bool:
+        """Whether the disk holds a snapshot above its reserve: the build's scratch file and
+        the new snapshot file are each about as large as the state (the old file stays until
+        the new one replaces it). Without that room the snapshot waits, and the Raft log it
+        would have cut is kept (on disk and in memory) instead: the node stops taking entries
+        at the reserve rather than fill the disk with a copy, which would stop it."""
+        disk = self.disk
+        if disk is None or disk.reserve_bytes == 0:
+            return True
+        need = 2 * self._fsm.state_bytes()
+        free = disk.free_bytes()
+        room = free - need >= disk.reserve_bytes
+        if not room and not self._snapshot_waits_for_space:
+            log.warning("snapshot waits for disk space node=%s needs_bytes=%d free_bytes=%d "
+                        "reserve_bytes=%d", self.node_id, need, free, disk.reserve_bytes)
+        self._snapshot_waits_for_space = not room
+        return room
+
     def _maybe_snapshot(self) -> None:
         """Start a snapshot in the background once the Raft log holds
         `snapshot_threshold_entries` entries AND at least as many bytes as the last snapshot,
@@ -643,6 +683,8 @@ class RaftDriver:
             held is None or log_bytes >= len(held.data)
         )
         if not due and log_bytes < self._snapshot_max_log_bytes:
+            return
+        if not self._room_for_snapshot():
             return
         steps = self._fsm.snapshot_steps()  # the state as of `applied`, captured now
         self._snapshot_task = asyncio.get_running_loop().create_task(

@@ -20,6 +20,7 @@ from dcl.errors import (
     CommitTimeout,
     CorruptRecord,
     DclError,
+    InsufficientStorage,
     InvalidRequest,
     NotLeader,
     OffsetOutOfRange,
@@ -42,6 +43,8 @@ _STATUS: dict[type, Status] = {
     PermissionDenied: Status.PERMISSION_DENIED,
     Unavailable: Status.UNAVAILABLE,
     CorruptRecord: Status.DATA_LOSS,
+    # The disk is below its reserve: nothing appended; a retry succeeds once space is freed.
+    InsufficientStorage: Status.RESOURCE_EXHAUSTED,
     # Proposed but not seen committed in time: the client must treat the outcome as unknown.
     CommitTimeout: Status.DEADLINE_EXCEEDED,
     # The node is shutting down under the call: another node (or a retry) can serve it.

@@ -32,7 +32,13 @@ from typing import Any
 
 from dcl.api.dcl.v1 import raft_pb2
 from dcl.batching import runs_within
-from dcl.errors import CorruptRecord, NotLeader, OffsetOutOfRange, Unavailable
+from dcl.errors import (
+    CorruptRecord,
+    InsufficientStorage,
+    NotLeader,
+    OffsetOutOfRange,
+    Unavailable,
+)
 from dcl.raft.driver import RaftDriver
 from dcl.raft.storage import RaftStorage
 from dcl.raft.types import Entry, EntryType, Role, Snapshot
@@ -499,6 +505,10 @@ class LogFsm:
                 return data
         raise AssertionError("snapshot_steps ends with the data")  # pragma: no cover
 
+    def state_bytes(self) -> int:
+        """The commit log's store files: a snapshot holds the same records, framed smaller."""
+        return sum(size for _, _, size in self.log.segment_spans())
+
     def snapshot_steps(self) -> Generator[memoryview | None, None, None]:
         """Address book, then every record of the commit log, length-prefixed: the state as
         of this call, built batch by batch as the iterator is advanced (None after each
@@ -744,6 +754,13 @@ class ReplicatedBackend:
         if self.driver.core.role is not Role.LEADER:
             fut.set_exception(self._not_leader())
             return fut
+        disk = self.driver.disk
+        if disk is not None and disk.low:
+            # Refused, not held: a disk frees up on an operator's time, not a call's.
+            disk.refused += 1
+            fut.set_exception(InsufficientStorage(disk.node, disk.free_bytes(),
+                                                  disk.reserve_bytes))
+            return fut
         if not self._pending:
             loop.call_soon(self._flush)
         self._pending.append((values, fut))
@@ -829,7 +846,7 @@ class ReplicatedBackend:
     @property
     def log_bytes(self) -> int:
         """Bytes of the commit log's store files (what retention bounds)."""
-        return sum(size for _, _, size in self.fsm.log.segment_spans())
+        return self.fsm.state_bytes()
 
     async def wait_for(self, offset: int) -> None:
         while offset >= self.fsm.log.next_offset:

@@ -9,6 +9,7 @@ from dcl.client.errors import from_status
 from dcl.errors import (
     CorruptRecord,
     DclError,
+    InsufficientStorage,
     InvalidRequest,
     NotLeader,
     OffsetOutOfRange,
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.timeout(10)
         (PermissionDenied("nobody", "produce"), Status.PERMISSION_DENIED),
         (Unavailable("no leader"), Status.UNAVAILABLE),
         (CorruptRecord("/x/0.store", 17), Status.DATA_LOSS),
+        (InsufficientStorage("n1", 10, 20), Status.RESOURCE_EXHAUSTED),
         (LogClosed("closed"), Status.UNAVAILABLE),
         (DclError("unclassified"), Status.INTERNAL),
     ],
@@ -61,6 +63,21 @@ def test_a_client_rebuilds_out_of_range_with_the_range_the_server_named() -> Non
     bare = from_status(Status.OUT_OF_RANGE, None, offset=7)
     assert isinstance(bare, OffsetOutOfRange) and bare.lowest is None
     assert str(bare) == "offset out of range: 7"
+
+
+def test_a_client_tells_a_full_disk_from_an_oversize_message() -> None:
+    """Both are RESOURCE_EXHAUSTED, but a retry of the first succeeds once space is freed
+    and a retry of the second never does: the client must get the disk's own error, with
+    the node and figures the server named, and still InvalidRequest for the other."""
+    status, message, _ = grpc_status(InsufficientStorage("node-0", 1000, 268435456))
+    assert status is Status.RESOURCE_EXHAUSTED
+    back = from_status(status, message)
+    assert isinstance(back, InsufficientStorage)
+    assert (back.node, back.free_bytes, back.reserve_bytes) == ("node-0", 1000, 268435456)
+    assert str(back) == message and "--min-free-bytes" in message
+    oversize = from_status(Status.RESOURCE_EXHAUSTED, "message of 9 bytes exceeds the limit")
+    assert type(oversize) is InvalidRequest
+    assert str(oversize) == "message of 9 bytes exceeds the limit"
 
 
 def test_not_leader_carries_the_leader_address_in_trailing_metadata() -> None:
