@@ -23,6 +23,7 @@ from cryptography import x509
 
 from dcl.membership import key_fingerprint, load_keyring
 from dcl.server.certs import PkiFiles
+from dcl.storage.space import DEFAULT_RESERVE_BYTES
 from tests.integration.cluster_harness import Cluster, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -156,18 +157,24 @@ def test_status_shows_every_node_and_exactly_one_leader(dcl: Dcl) -> None:
         time.sleep(0.2)
     assert all(r["lag"] is not None and r["term"] == leaders[0]["term"] for r in rows)
     # Each node's own commit-log range and size (no retention here: every log starts at 0).
+    by_name = {n.name: n for n in dcl.cluster.nodes}
     for r in rows:
         assert r["first_offset"] == 0 and r["next_offset"] >= 0, r
         assert (r["log_bytes"] > 0) == (r["next_offset"] > 0), r
+        # Its disk's free space (statvfs of its data dir) against the default reserve.
+        st = os.statvfs(by_name[r["node"]].data_dir)
+        assert abs(r["disk_free_bytes"] - st.f_bavail * st.f_frsize) < 1 << 30, r
+        assert r["disk_reserve_bytes"] == DEFAULT_RESERVE_BYTES, r
 
     table = dcl("status")
     assert table.returncode == 0, table.stderr
     body = [line.split() for line in table.stdout.splitlines() if line.strip()]
     assert body[0] == ["node", "address", "role", "term", "last", "applied", "lag", "offsets",
-                       "log", "gossip"]
+                       "log", "disk", "gossip"]
     node_rows = [row for row in body if row[0] in names]
     assert len(node_rows) == 3
     assert [row[2] for row in node_rows].count("leader") == 1
+    assert all(re.fullmatch(r"\d+(\.\d)?[KMGT]", row[9]) for row in node_rows), node_rows
 
 
 def test_commands_default_to_the_dcl_dev_certificates_and_read_env(

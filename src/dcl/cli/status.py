@@ -67,6 +67,8 @@ class Row:
     reloads_failed: int | None = None
     certificates_expire: int | None = None
     gossip_key: str | None = None
+    disk_free_bytes: int | None = None
+    disk_reserve_bytes: int | None = None
 
 
 async def _ask(client: DclClient, address: str) -> ClusterStatus | None:
@@ -101,7 +103,8 @@ async def _rows(client: DclClient) -> list[Row]:
                         mine.applied_index, lag, mine.voter, gossip, mine.first_offset,
                         mine.next_offset, mine.log_bytes, mine.reloads_ok,
                         mine.reloads_failed, mine.certificates_expire or None,
-                        mine.gossip_key or None))
+                        mine.gossip_key or None, mine.disk_free_bytes,
+                        mine.disk_reserve_bytes))
     return rows
 
 
@@ -123,6 +126,16 @@ def _size(nbytes: int) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _disk(row: Row) -> str:
+    """Free disk space; in red, beside the reserve, when below it (the node takes no records)."""
+    free, reserve = row.disk_free_bytes, row.disk_reserve_bytes
+    if free is None or reserve is None:
+        return "-"
+    if reserve and free < reserve:
+        return f"[bold red]{_size(free)} < {_size(reserve)}[/]"
+    return _size(free)
+
+
 _ROLE_STYLE = {"leader": "bold green", "follower": "green", "learner": "yellow",
                UNREACHABLE: "bold red"}
 
@@ -132,7 +145,7 @@ def _table(rows: list[Row]) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("node", "address", "role"):
         table.add_column(name, no_wrap=True)
-    for name in ("term", "last", "applied", "lag", "offsets", "log"):
+    for name in ("term", "last", "applied", "lag", "offsets", "log", "disk"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("gossip", no_wrap=True)
     for row in rows:
@@ -142,7 +155,8 @@ def _table(rows: list[Row]) -> Table:
         table.add_row(
             row.node, row.address, f"[{style}]{row.role}[/]", _cell(row.term),
             _cell(row.last_index), _cell(row.applied_index), _cell(row.lag), offsets,
-            "-" if row.log_bytes is None else _size(row.log_bytes), row.gossip_state or "-",
+            "-" if row.log_bytes is None else _size(row.log_bytes), _disk(row),
+            row.gossip_state or "-",
         )
     return table
 

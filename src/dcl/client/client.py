@@ -143,6 +143,10 @@ class NodeStatus:
     reloads_failed: int = 0
     certificates_expire: int = 0
     gossip_key: str = ""
+    #: The node's own row only: free space of its data directory's disk, and the reserve
+    #: below which it takes no new records (0: none).
+    disk_free_bytes: int = 0
+    disk_reserve_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,7 +400,7 @@ class DclClient:
                 NodeStatus(s.id, s.rpc_addr, s.role, s.term, s.last_index, s.applied_index,
                            s.voter, s.gossip_state, s.first_offset, s.next_offset, s.log_bytes,
                            s.reloads_ok, s.reloads_failed, s.certificates_expire,
-                           s.gossip_key)
+                           s.gossip_key, s.disk_free_bytes, s.disk_reserve_bytes)
                 for s in reply.servers
             ),
         )

@@ -318,6 +318,10 @@ class AdminService(AdminBase):
                 role, last, applied = st.role.value, st.last_index, st.applied_index
                 own = {"first_offset": backend.lowest_offset,
                        "next_offset": backend.next_offset, "log_bytes": backend.log_bytes}
+                disk = self._driver.disk
+                if disk is not None:
+                    own |= {"disk_free_bytes": disk.free_bytes(),
+                            "disk_reserve_bytes": disk.reserve_bytes}
                 if config is not None:
                     own |= {"reloads_ok": config.reloads_ok,
                             "reloads_failed": config.reloads_failed,

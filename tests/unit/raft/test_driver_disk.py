@@ -79,7 +79,8 @@ async def test_a_follower_on_a_low_disk_drops_entries_and_snapshots_then_takes_t
         driver.receive(AppendEntries(1, "L", "f", 2, 1, (record_entry(3),), 3))
         disk.free = RESERVE - 1
         driver.receive(AppendEntries(1, "L", "f", 3, 1, (record_entry(4),), 4))
-        driver.receive(InstallSnapshot(1, "L", "f", SnapshotMeta(9, 1, frozenset({"L"})), 0, b"x", False))
+        meta = SnapshotMeta(9, 1, frozenset({"L"}))
+        driver.receive(InstallSnapshot(1, "L", "f", meta, 0, b"x", False))
         assert driver.core.last_index == 3
         assert driver.dropped_for_disk == 2
         driver.receive(AppendEntries(1, "L", "f", 3, 1, (), 3))  # entries: none

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x63l/api/dcl/v1/admin.proto\x12\x06\x64\x63l.v1\":\n\x0bJoinRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08rpc_addr\x18\x02 \x01(\t\x12\r\n\x05voter\x18\x03 \x01(\x08\"\x0e\n\x0cJoinResponse\"\x1a\n\x0cLeaveRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse\"\x10\n\x0e\x43lusterRequest\"\xb3\x02\n\x0cServerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08rpc_addr\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x12\n\nlast_index\x18\x05 \x01(\x04\x12\x15\n\rapplied_index\x18\x06 \x01(\x04\x12\r\n\x05voter\x18\x07 \x01(\x08\x12\x14\n\x0cgossip_state\x18\x08 \x01(\t\x12\x14\n\x0c\x66irst_offset\x18\t \x01(\x04\x12\x13\n\x0bnext_offset\x18\n \x01(\x04\x12\x11\n\tlog_bytes\x18\x0b \x01(\x04\x12\x12\n\nreloads_ok\x18\x0c \x01(\x04\x12\x16\n\x0ereloads_failed\x18\r \x01(\x04\x12\x1b\n\x13\x63\x65rtificates_expire\x18\x0e \x01(\x03\x12\x12\n\ngossip_key\x18\x0f \x01(\t\"K\n\x0f\x43lusterResponse\x12%\n\x07servers\x18\x01 \x03(\x0b\x32\x14.dcl.v1.ServerStatus\x12\x11\n\tleader_id\x18\x02 \x01(\t2\xb2\x01\n\x05\x41\x64min\x12\x33\n\x04Join\x12\x13.dcl.v1.JoinRequest\x1a\x14.dcl.v1.JoinResponse\"\x00\x12\x36\n\x05Leave\x12\x14.dcl.v1.LeaveRequest\x1a\x15.dcl.v1.LeaveResponse\"\x00\x12<\n\x07\x43luster\x12\x16.dcl.v1.ClusterRequest\x1a\x17.dcl.v1.ClusterResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x63l/api/dcl/v1/admin.proto\x12\x06\x64\x63l.v1\":\n\x0bJoinRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08rpc_addr\x18\x02 \x01(\t\x12\r\n\x05voter\x18\x03 \x01(\x08\"\x0e\n\x0cJoinResponse\"\x1a\n\x0cLeaveRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse\"\x10\n\x0e\x43lusterRequest\"\xe8\x02\n\x0cServerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08rpc_addr\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x04\x12\x12\n\nlast_index\x18\x05 \x01(\x04\x12\x15\n\rapplied_index\x18\x06 \x01(\x04\x12\r\n\x05voter\x18\x07 \x01(\x08\x12\x14\n\x0cgossip_state\x18\x08 \x01(\t\x12\x14\n\x0c\x66irst_offset\x18\t \x01(\x04\x12\x13\n\x0bnext_offset\x18\n \x01(\x04\x12\x11\n\tlog_bytes\x18\x0b \x01(\x04\x12\x12\n\nreloads_ok\x18\x0c \x01(\x04\x12\x16\n\x0ereloads_failed\x18\r \x01(\x04\x12\x1b\n\x13\x63\x65rtificates_expire\x18\x0e \x01(\x03\x12\x12\n\ngossip_key\x18\x0f \x01(\t\x12\x17\n\x0f\x64isk_free_bytes\x18\x10 \x01(\x04\x12\x1a\n\x12\x64isk_reserve_bytes\x18\x11 \x01(\x04\"K\n\x0f\x43lusterResponse\x12%\n\x07servers\x18\x01 \x03(\x0b\x32\x14.dcl.v1.ServerStatus\x12\x11\n\tleader_id\x18\x02 \x01(\t2\xb2\x01\n\x05\x41\x64min\x12\x33\n\x04Join\x12\x13.dcl.v1.JoinRequest\x1a\x14.dcl.v1.JoinResponse\"\x00\x12\x36\n\x05Leave\x12\x14.dcl.v1.LeaveRequest\x1a\x15.dcl.v1.LeaveResponse\"\x00\x12<\n\x07\x43luster\x12\x16.dcl.v1.ClusterRequest\x1a\x17.dcl.v1.ClusterResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERREQUEST']._serialized_start=159
   _globals['_CLUSTERREQUEST']._serialized_end=175
   _globals['_SERVERSTATUS']._serialized_start=178
-  _globals['_SERVERSTATUS']._serialized_end=485
-  _globals['_CLUSTERRESPONSE']._serialized_start=487
-  _globals['_CLUSTERRESPONSE']._serialized_end=562
-  _globals['_ADMIN']._serialized_start=565
-  _globals['_ADMIN']._serialized_end=743
+  _globals['_SERVERSTATUS']._serialized_end=538
+  _globals['_CLUSTERRESPONSE']._serialized_start=540
+  _globals['_CLUSTERRESPONSE']._serialized_end=615
+  _globals['_ADMIN']._serialized_start=618
+  _globals['_ADMIN']._serialized_end=796
 # @@protoc_insertion_point(module_scope)

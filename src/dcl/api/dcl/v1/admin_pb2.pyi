@@ -35,7 +35,7 @@ class ClusterRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("id", "rpc_addr", "role", "term", "last_index", "applied_index", "voter", "gossip_state", "first_offset", "next_offset", "log_bytes", "reloads_ok", "reloads_failed", "certificates_expire", "gossip_key")
+    __slots__ = ("id", "rpc_addr", "role", "term", "last_index", "applied_index", "voter", "gossip_state", "first_offset", "next_offset", "log_bytes", "reloads_ok", "reloads_failed", "certificates_expire", "gossip_key", "disk_free_bytes", "disk_reserve_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     RPC_ADDR_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,8 @@ class ServerStatus(_message.Message):
     RELOADS_FAILED_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATES_EXPIRE_FIELD_NUMBER: _ClassVar[int]
     GOSSIP_KEY_FIELD_NUMBER: _ClassVar[int]
+    DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_RESERVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     rpc_addr: str
     role: str
@@ -66,7 +68,9 @@ class ServerStatus(_message.Message):
     reloads_failed: int
     certificates_expire: int
     gossip_key: str
-    def __init__(self, id: _Optional[str] = ..., rpc_addr: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., voter: _Optional[bool] = ..., gossip_state: _Optional[str] = ..., first_offset: _Optional[int] = ..., next_offset: _Optional[int] = ..., log_bytes: _Optional[int] = ..., reloads_ok: _Optional[int] = ..., reloads_failed: _Optional[int] = ..., certificates_expire: _Optional[int] = ..., gossip_key: _Optional[str] = ...) -> None: ...
+    disk_free_bytes: int
+    disk_reserve_bytes: int
+    def __init__(self, id: _Optional[str] = ..., rpc_addr: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., last_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., voter: _Optional[bool] = ..., gossip_state: _Optional[str] = ..., first_offset: _Optional[int] = ..., next_offset: _Optional[int] = ..., log_bytes: _Optional[int] = ..., reloads_ok: _Optional[int] = ..., reloads_failed: _Optional[int] = ..., certificates_expire: _Optional[int] = ..., gossip_key: _Optional[str] = ..., disk_free_bytes: _Optional[int] = ..., disk_reserve_bytes: _Optional[int] = ...) -> None: ...
 
 class ClusterResponse(_message.Message):
     __slots__ = ("servers", "leader_id")
