@@ -118,6 +118,11 @@ class NodeProcess:
     host: str = "127.0.0.1"
     #: RLIMIT_NOFILE (soft and hard) of the process; None: inherited.
     open_files: int | None = None
+    #: A command put before the agent's argv at every (re)start, e.g. `unshare ... sh -c
+    #: '...; exec "$@"' sh` to run it in a mount namespace of its own. It must end by
+    #: exec-ing the agent in the same process, so `proc` (its PID, kill, stop) stays the
+    #: agent's. Empty (the default): the agent is started directly.
+    wrapper: list[str] = field(default_factory=list)
 
     @property
     def gossip_addr(self) -> str:
@@ -163,7 +168,7 @@ class NodeProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         limit = self.open_files
         self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT,
+            self.wrapper + args, stdout=self._log, stderr=subprocess.STDOUT,
             preexec_fn=None if limit is None else (
                 lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))))
 

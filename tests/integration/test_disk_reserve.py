@@ -1,0 +1,333 @@
+"""A node whose disk fills up, on real `dcl agent` processes (`--min-free-bytes`).
+
+The node under test runs in a mount namespace of its own (`unshare`, as root): its data dir
+is a small tmpfs only that process sees, which also holds a ballast file beside the node's
+own files; the other nodes use the normal disk and the default reserve. The ballast is
+reached from here through /proc/PID/root and deleting it frees the space, as an operator
+would.
+
+What an operator checks: a leader whose disk reaches the reserve refuses writes with
+RESOURCE_EXHAUSTED naming the reserve (the client raises InsufficientStorage), appends
+nothing for them, keeps leading and serving every acknowledged record, and takes writes
+again as soon as space is freed; a follower whose disk reaches it stops taking entries but
+stays up and serves what it has while the others go on, and catches up exactly once space
+is freed. Neither node fills its disk or exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from dcl.api.log.v1 import log_grpc, log_pb2
+from dcl.client import DclClient
+from dcl.errors import InsufficientStorage
+from dcl.server.certs import PkiFiles
+from tests.integration.cluster_harness import CALL_TIMEOUT, Cluster, NodeProcess, eventually
+from tests.integration.test_metrics_endpoint import one, serve_metrics
+
+pytestmark = pytest.mark.timeout(90)
+
+MIB = 1 << 20
+#: The node under test's disk: a tmpfs of TMPFS bytes, BALLAST of which a file takes, and a
+#: reserve that leaves the node about 8 MiB to write (each record is stored twice: Raft log
+#: and commit log), so a few MiB of records are acknowledged before it refuses; once the
+#: ballast is deleted, it has 32 MiB to write again.
+TMPFS = 48 * MIB
+BALLAST = 32 * MIB
+RESERVE = 8 * MIB
+RECORD = 1024
+BATCH = 64
+#: Bound of every produce loop: 100 MiB of records; the disk fills long before.
+MAX_BATCHES = 100 * MIB // (RECORD * BATCH)
+SETTLE = 20.0
+#: A follower counts as stopped once its next offset stayed put this long while the leader
+#: took this many batches (it normally follows within a batch or two).
+STALL_BATCHES = 16
+STALL_SECONDS = 1.0
+#: A node stops within a batch or two of the reserve (it measures at most every 10 ms).
+OVERSHOOT = 1 * MIB
+REFUSAL = re.compile(r"^insufficient storage: node (\S+) has (\d+) bytes of disk free, "
+                     r"below its reserve of (\d+) ")
+#: What a node logs when its storage failed (it then exits) or anything else went wrong.
+FAILURE = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |raft driver failed|No space left|ENOSPC"
+                     r"|Traceback|fsync failed")
+
+
+def value(offset: int) -> bytes:
+    return b"%08d" % offset + b"d" * (RECORD - 8)
+
+
+def batch_at(offset: int) -> list[bytes]:
+    return [value(offset + i) for i in range(BATCH)]
+
+
+@pytest.fixture(scope="module")
+def private_mounts(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Skip unless this process may mount a tmpfs in a mount namespace of its own (root)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no `unshare` command (util-linux): cannot give a node a small disk")
+    target = tmp_path_factory.mktemp("probe")
+    script = (f"mount -t tmpfs -o size=1m dcl {shlex.quote(str(target))} "
+              f"&& head -c 4096 /dev/zero > {shlex.quote(str(target / 'probe'))}")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, timeout=30, check=False)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs in a private mount namespace (needs root): "
+                    + done.stderr.decode(errors="replace").strip())
+    assert not (target / "probe").exists(), "the probe's tmpfs leaked out of its namespace"
+
+
+def on_small_disk(node: NodeProcess) -> None:
+    """Run node on a private tmpfs of TMPFS bytes mounted at its data dir, BALLAST of them
+    taken by `ballast` (not one of the node's files), and a reserve of RESERVE. The tmpfs
+    goes away with the process: a restart would start on an empty disk."""
+    directory = shlex.quote(str(node.data_dir))
+    script = (f"mkdir -p {directory} "
+              f"&& mount -t tmpfs -o size={TMPFS} dcl {directory} "
+              f"&& head -c {BALLAST} /dev/zero > {directory}/ballast "
+              '&& exec "$@"')
+    node.wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                    "dcl-small-disk"]
+    node.extra_args += ["--min-free-bytes", str(RESERVE)]
+
+
+def seen_by(node: NodeProcess, path: Path) -> Path:
+    """`path` as the node's process sees it (through its mount namespace)."""
+    assert node.proc is not None
+    return Path(f"/proc/{node.proc.pid}/root") / path.relative_to("/")
+
+
+def disk_free(node: NodeProcess) -> tuple[int, int]:
+    """(size, free) of the node's data dir's filesystem, as the node measures it."""
+    st = os.statvfs(seen_by(node, node.data_dir))
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+
+def assert_small_disk(node: NodeProcess) -> None:
+    size, free = disk_free(node)
+    assert size == TMPFS, f"{node.name} is not on its own tmpfs (size {size})"
+    assert free < TMPFS - BALLAST, f"no ballast on {node.name}'s disk (free {free})"
+
+
+def free_space(node: NodeProcess) -> None:
+    """Delete the ballast, as an operator would."""
+    ballast = seen_by(node, node.data_dir / "ballast")
+    os.unlink(ballast)
+    _, free = disk_free(node)
+    assert free > RESERVE + BALLAST // 2, f"{node.name}: deleting the ballast freed nothing"
+
+
+async def refusal(node: NodeProcess, method: str) -> GRPCError:
+    """The error a raw log.v1 Produce or ProduceStream of one record gets from node."""
+    request = log_pb2.ProduceRequest(record=log_pb2.Record(value=b"refused"))
+    with node.channel() as channel:
+        stub = log_grpc.LogStub(channel)
+        with pytest.raises(GRPCError) as info:
+            if method == "Produce":
+                await stub.Produce(request, timeout=CALL_TIMEOUT)
+            else:
+                async with stub.ProduceStream.open(timeout=CALL_TIMEOUT) as stream:
+                    await stream.send_message(request, end=True)
+                    reply = await stream.recv_message()
+                    assert reply is None, f"{method} was acknowledged at {reply.offset}"
+                    await stream.recv_trailing_metadata()
+    return info.value
+
+
+def assert_names_reserve(error: GRPCError, node: NodeProcess) -> None:
+    """error is node's refusal for a low disk, naming its free space and its reserve."""
+    assert error.status is Status.RESOURCE_EXHAUSTED, error
+    found = REFUSAL.match(error.message or "")
+    assert found, f"not an insufficient-storage refusal: {error.message!r}"
+    assert found[1] == node.name and int(found[3]) == RESERVE, error.message
+    assert 0 < int(found[2]) < RESERVE, error.message
+
+
+async def next_offset(node: NodeProcess) -> int:
+    """node's next offset; an error from a node that exited names the exit (log tail)."""
+    try:
+        return await node.next_offset()
+    except (GRPCError, OSError):
+        assert node.proc is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.proc.wait(timeout=2)
+        assert node.running, f"{node.name} exited:\n{node.log_tail()}"
+        raise
+
+
+async def term_of(node: NodeProcess) -> tuple[str, int]:
+    """(role, term) of node, from its own row of Admin.Cluster."""
+    (row,) = [s for s in (await node.cluster()).servers if s.id == node.name]
+    return row.role, row.term
+
+
+async def assert_serves_exactly(nodes: list[NodeProcess], acked: list[bytes]) -> None:
+    """Every node serves exactly the acknowledged records, in order (followers may take a
+    moment to apply the last ones)."""
+    for node in nodes:
+
+        async def same(node: NodeProcess = node) -> bool:
+            if not node.running:
+                raise AssertionError(f"{node.name} exited:\n{node.log_tail()}")
+            return await node.consume_all() == acked
+
+        await eventually(same, timeout=SETTLE, what=f"{node.name} serves the acked records")
+
+
+def assert_no_storage_failure(node: NodeProcess) -> None:
+    assert node.running, f"{node.name} exited:\n{node.log_tail()}"
+    text = node.log_path.read_text(errors="replace")
+    failures = [line for line in text.splitlines() if FAILURE.search(line)]
+    assert not failures, "\n".join(failures)
+
+
+async def test_a_leader_whose_disk_fills_refuses_writes_keeps_leading_and_resumes(
+    pki: PkiFiles, tmp_path: Path, private_mounts: None
+) -> None:
+    cluster = Cluster(pki, tmp_path)
+    scrape = serve_metrics(cluster, pki)
+    node0 = cluster.nodes[0]
+    on_small_disk(node0)
+    async with cluster:
+        assert await cluster.leader_among(cluster.nodes, timeout=SETTLE) is node0
+        assert_small_disk(node0)
+        role, term = await term_of(node0)
+        assert role == "leader"
+
+        acked: list[bytes] = []
+        refused: GRPCError | None = None
+        for _ in range(MAX_BATCHES):
+            try:
+                first = await node0.produce_batch(batch_at(len(acked)))
+            except GRPCError as exc:
+                refused = exc
+                break
+            assert first == len(acked)
+            acked += batch_at(len(acked))
+        assert refused is not None, f"{len(acked) * RECORD} bytes taken, none refused"
+        assert_names_reserve(refused, node0)
+        assert len(acked) * RECORD >= 2 * MIB, f"refused after {len(acked)} records only"
+        # The reserve is kept: the node stopped right at it, and did not fill its disk.
+        _, free = disk_free(node0)
+        assert RESERVE - OVERSHOOT <= free < RESERVE, free
+
+        # Every way to write is refused alike, and nothing is appended for any of them.
+        for method in ("Produce", "ProduceStream"):
+            assert_names_reserve(await refusal(node0, method), node0)
+        tls = (pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+        async with DclClient([node0.rpc_addr], tls, retries=1) as client:
+            with pytest.raises(InsufficientStorage) as info:
+                await client.produce_batch(batch_at(len(acked)))
+            error = info.value
+            assert error.node == node0.name
+            assert 0 < error.free_bytes < error.reserve_bytes == RESERVE
+            with pytest.raises(InsufficientStorage):
+                await client.produce(value(len(acked)))
+        # What `dcl status` shows: its own row of Admin.Cluster, below the reserve.
+        (row,) = [s for s in (await node0.cluster()).servers if s.id == node0.name]
+        assert (row.disk_reserve_bytes, row.disk_free_bytes < RESERVE) == (RESERVE, True), row
+        samples = await scrape(node0)
+        assert one(samples, "dcl_disk_low") == 1
+        assert one(samples, "dcl_disk_reserve_bytes") == RESERVE
+        assert one(samples, "dcl_disk_free_bytes") < RESERVE
+        # The five refusals above (a batch, Produce, ProduceStream, the client's two).
+        assert one(samples, "dcl_disk_refusals_total", kind="appends") == 5
+        assert one(samples, "dcl_disk_refusals_total", kind="replication") == 0
+
+        # Still up, still the leader of the same term; reads everywhere serve exactly
+        # what was acknowledged.
+        assert await term_of(node0) == ("leader", term)
+        await assert_serves_exactly(cluster.nodes, acked)
+        assert await cluster.leader_among(cluster.nodes, timeout=SETTLE) is node0
+        assert_no_storage_failure(node0)
+        assert "disk below its reserve" in node0.log_path.read_text()
+
+        # Space freed: writes resume by themselves, within moments.
+        free_space(node0)
+
+        async def accepted() -> int:
+            return await node0.produce_batch(batch_at(len(acked))) + 1  # offset 0 is falsy
+
+        first = await eventually(accepted, timeout=5, what="a write after space was freed")
+        assert first - 1 == len(acked), "a refused write was appended"
+        acked += batch_at(len(acked))
+        for _ in range(8):
+            assert await node0.produce_batch(batch_at(len(acked))) == len(acked)
+            acked += batch_at(len(acked))
+        await assert_serves_exactly(cluster.nodes, acked)
+        assert await term_of(node0) == ("leader", term)
+        assert one(await scrape(node0), "dcl_disk_low") == 0
+        assert "disk above its reserve again" in node0.log_path.read_text()
+        assert_no_storage_failure(node0)
+
+
+async def test_a_follower_whose_disk_fills_lags_behind_serving_what_it_has_then_catches_up(
+    pki: PkiFiles, tmp_path: Path, private_mounts: None
+) -> None:
+    cluster = Cluster(pki, tmp_path)
+    scrape = serve_metrics(cluster, pki)
+    node2 = cluster.nodes[2]
+    on_small_disk(node2)
+    async with cluster:
+        leader = await cluster.leader_among(cluster.nodes, timeout=SETTLE)
+        assert leader is not node2
+        assert_small_disk(node2)
+        (other,) = [n for n in cluster.others(leader) if n is not node2]
+
+        # Writes go on (a quorum without node-2) while node-2 stops taking them: its next
+        # offset stays put for STALL_BATCHES batches and at least STALL_SECONDS.
+        acked: list[bytes] = []
+        held, since, unchanged = -1, time.monotonic(), 0
+        for _ in range(MAX_BATCHES):
+            assert await leader.produce_batch(batch_at(len(acked))) == len(acked)
+            acked += batch_at(len(acked))
+            now_held = await next_offset(node2)
+            if now_held != held:
+                held, since, unchanged = now_held, time.monotonic(), 0
+                continue
+            unchanged += 1
+            if unchanged >= STALL_BATCHES and time.monotonic() - since >= STALL_SECONDS:
+                break
+        else:
+            raise AssertionError(f"{node2.name} took all {len(acked)} records")
+        assert held * RECORD >= 2 * MIB, f"{node2.name} stopped at {held} records"
+        assert len(acked) - held >= STALL_BATCHES * BATCH
+        _, free = disk_free(node2)
+        assert RESERVE - OVERSHOOT <= free < RESERVE, free
+
+        # Still up, serving the records it has: the leader's, up to where it stopped.
+        assert await node2.next_offset() == held
+        assert await node2.consume_all() == acked[:held]
+        assert_no_storage_failure(node2)
+        assert "disk below its reserve" in node2.log_path.read_text()
+        samples = await scrape(node2)
+        assert one(samples, "dcl_disk_low") == 1
+        assert one(samples, "dcl_disk_refusals_total", kind="replication") >= 1
+        assert one(samples, "dcl_disk_refusals_total", kind="appends") == 0
+        on_leader = await scrape(leader)
+        assert one(on_leader, "dcl_raft_peer_lag_entries", peer=node2.name, voter="true") > 0
+        await assert_serves_exactly([leader, other], acked)
+        assert await cluster.leader_among(cluster.nodes, timeout=SETTLE) is leader
+
+        # Space freed: node-2 catches up by itself to exactly the leader's records, and
+        # takes new ones as they come.
+        free_space(node2)
+        await assert_serves_exactly([node2], acked)
+        for _ in range(4):
+            assert await leader.produce_batch(batch_at(len(acked))) == len(acked)
+            acked += batch_at(len(acked))
+        await assert_serves_exactly(cluster.nodes, acked)
+        assert one(await scrape(node2), "dcl_disk_low") == 0
+        assert "disk above its reserve again" in node2.log_path.read_text()
+        assert_no_storage_failure(node2)
