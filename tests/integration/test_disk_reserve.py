@@ -16,6 +16,7 @@ is freed. Neither node fills its disk or exits.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -24,17 +25,26 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
+from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.client import DclClient
 from dcl.errors import InsufficientStorage
+from dcl.server.acl import Authorizer
 from dcl.server.certs import PkiFiles
+from dcl.server.replicated import LogFsm, ReplicatedBackend
+from dcl.server.server import build_server
+from dcl.tls import client_context, server_context
 from tests.integration.cluster_harness import CALL_TIMEOUT, Cluster, NodeProcess, eventually
 from tests.integration.test_metrics_endpoint import one, serve_metrics
+from tests.unit.raft.test_driver import leader, record_value, until_applied
+from tests.unit.raft.test_driver_disk import RESERVE as RESERVE_UNIT
+from tests.unit.raft.test_driver_disk import Disk
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -62,6 +72,10 @@ REFUSAL = re.compile(r"^insufficient storage: node (\S+) has (\d+) bytes of disk
 #: What a node logs when its storage failed (it then exits) or anything else went wrong.
 FAILURE = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |raft driver failed|No space left|ENOSPC"
                      r"|Traceback|fsync failed")
+
+
+def produce_request(value: bytes) -> log_pb2.ProduceRequest:
+    return log_pb2.ProduceRequest(record=log_pb2.Record(value=value))
 
 
 def value(offset: int) -> bytes:
@@ -331,3 +345,55 @@ async def test_a_follower_whose_disk_fills_lags_behind_serving_what_it_has_then_
         assert one(await scrape(node2), "dcl_disk_low") == 0
         assert "disk above its reserve again" in node2.log_path.read_text()
         assert_no_storage_failure(node2)
+
+
+async def test_a_produce_stream_appends_nothing_after_a_request_refused_for_the_disk(
+    pki: PkiFiles, authorizer: Authorizer, tmp_path: Path
+) -> None:
+    """In-process: a real TLS gRPC server over a one-node Raft leader whose fsync is delayed
+    (injected, 0.3 s). r1 is in flight when the disk drops below the reserve, r2 is refused
+    at once, and space is back when r3 arrives: the stream must end on r2 with r1 acked and
+    nothing after it appended (r3 landing after a refused r2 would reorder the stream, and a
+    client resending r2 and r3 would duplicate r3)."""
+    disk = Disk()
+    async with leader(tmp_path, disk=disk.space, async_fsync=False) as driver:
+        fsm = cast(LogFsm, driver._fsm)
+        backend = ReplicatedBackend(driver, fsm, "127.0.0.1:1")
+        await until_applied(driver)
+        storage = driver._storage
+        real_sync = storage.sync
+
+        def delayed_sync() -> None:
+            time.sleep(0.3)
+            real_sync()
+
+        storage.sync = delayed_sync  # type: ignore[method-assign]
+        server = build_server(
+            backend, ssl_context=server_context(pki.server_cert, pki.server_key, pki.ca_cert),
+            authorizer=authorizer)
+        await server.start()
+        channel = Channel("127.0.0.1", server.port, ssl=client_context(
+            pki.root_client_cert, pki.root_client_key, pki.ca_cert))
+        acks: list[int] = []
+        try:
+            stub = log_grpc.LogStub(channel)
+            with pytest.raises(GRPCError) as info:
+                async with stub.ProduceStream.open(timeout=CALL_TIMEOUT) as stream:
+                    await stream.send_message(produce_request(b"r1"))
+                    await asyncio.sleep(0.05)  # r1 is waiting for its fsync
+                    disk.free = RESERVE_UNIT - 1
+                    await stream.send_message(produce_request(b"r2"))
+                    await asyncio.sleep(0.05)  # r2 refused; the disk is fine again for r3
+                    disk.free = 1 << 40
+                    await stream.send_message(produce_request(b"r3"), end=True)
+                    while (ack := await stream.recv_message()) is not None:
+                        acks.append(ack.offset)
+            assert info.value.status is Status.RESOURCE_EXHAUSTED, info.value
+            assert acks == [0]
+            await asyncio.sleep(0.5)  # anything proposed after r1 would have landed by now
+            assert fsm.log.next_offset == 1
+            assert record_value(fsm, 0) == b"r1"
+        finally:
+            storage.sync = real_sync  # type: ignore[method-assign]
+            channel.close()
+            await server.close()

@@ -204,7 +204,15 @@ class LogService(log_grpc.LogBase):
             async for request in stream:
                 values = [request.record.value]
                 self._limits.check_values(values)
-                await pending.put(self._backend.append(values))
+                appended = self._backend.append(values)
+                await pending.put(appended)
+                if isinstance(appended, asyncio.Future) and appended.done() and (
+                    appended.cancelled() or appended.exception() is not None
+                ):
+                    # Refused at once (NotLeader, a low disk): read no further. A later
+                    # request could be taken once the cause clears (space freed), landing
+                    # after one that was refused; the stream ends on this one anyway.
+                    return
         except Exception as exc:  # handed to the acking task, which reports it in order
             await pending.put(_failed(exc))
             return
