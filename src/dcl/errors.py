@@ -12,6 +12,8 @@ import re
 _HELD = re.compile(r"\(log holds \[(\d+), (\d+)\)\)")
 #: How `InsufficientStorage` names the node and its figures, in its message.
 _STORAGE = re.compile(r"node (\S+) has (\d+) bytes of disk free, below its reserve of (\d+)")
+#: How `InsufficientStorage.of_peers` names the nodes without room.
+_STORAGE_PEERS = re.compile(r"nodes (.+?) have less disk free")
 
 
 class DclError(Exception):
@@ -87,21 +89,35 @@ class InsufficientStorage(DclError):
 
     PREFIX = "insufficient storage: "
 
-    def __init__(self, node: str, free_bytes: int, reserve_bytes: int) -> None:
+    def __init__(
+        self, node: str, free_bytes: int, reserve_bytes: int, *, detail: str = ""
+    ) -> None:
         self.node = node
+        #: -1 where not known here (a follower's disk, `of_peers`).
         self.free_bytes = free_bytes
         self.reserve_bytes = reserve_bytes
         super().__init__(
             f"{self.PREFIX}node {node} has {free_bytes} bytes of disk free, below its reserve "
-            f"of {reserve_bytes} (--min-free-bytes); nothing was appended, and writes resume "
-            "once space is freed")
+            f"of {reserve_bytes} (--min-free-bytes{'; ' + detail if detail else ''}); nothing "
+            "was appended, and writes resume once space is freed")
+
+    @classmethod
+    def of_peers(cls, low: list[str], voters: int) -> InsufficientStorage:
+        """Too few voters have room for a quorum: `low` are below their reserve."""
+        error = cls(", ".join(low), -1, -1)
+        error.args = (
+            f"{cls.PREFIX}nodes {', '.join(low)} have less disk free than their reserve "
+            f"(--min-free-bytes), which leaves fewer than a quorum of the {voters} voters to "
+            "take new records; nothing was appended, and writes resume once space is freed",)
+        return error
 
     @classmethod
     def from_message(cls, message: str) -> InsufficientStorage:
         """Rebuilt on the client from the server's status message (its figures included)."""
         found = _STORAGE.search(message)
+        peers = _STORAGE_PEERS.search(message)
         error = (cls(found[1], int(found[2]), int(found[3])) if found
-                 else cls("<unknown>", -1, -1))
+                 else cls(peers[1] if peers else "<unknown>", -1, -1))
         error.args = (message,)  # the server's wording
         return error
 

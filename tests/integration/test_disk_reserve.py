@@ -397,3 +397,73 @@ async def test_a_produce_stream_appends_nothing_after_a_request_refused_for_the_
             storage.sync = real_sync  # type: ignore[method-assign]
             channel.close()
             await server.close()
+
+
+async def test_writes_stop_when_a_quorum_lacks_disk_and_resume_when_one_has_room(
+    pki: PkiFiles, tmp_path: Path, private_mounts: None
+) -> None:
+    """Both followers on small disks, the leader's with room. Once a quorum of voters lacks
+    room, the leader refuses writes naming them (their heartbeat answers say so), instead of
+    taking writes no quorum can commit, which would time out with their outcome unknown.
+    The one batch in flight as the second follower filled has that fate (it commits once a
+    follower has room again); every later one is refused. Freeing one follower's disk
+    restores a quorum; freeing the other's lets it catch up."""
+    cluster = Cluster(pki, tmp_path)
+    node0, node1, node2 = cluster.nodes
+    on_small_disk(node1)
+    on_small_disk(node2)
+    async with cluster:
+        assert await cluster.leader_among(cluster.nodes, timeout=SETTLE) is node0
+        acked: list[bytes] = []
+        unknown: list[bytes] = []
+        refused: GRPCError | None = None
+        for _ in range(MAX_BATCHES):
+            values = batch_at(len(acked) + len(unknown))
+            try:
+                first = await node0.produce_batch(values)
+            except GRPCError as exc:
+                if exc.status is Status.RESOURCE_EXHAUSTED:
+                    refused = exc
+                    break
+                assert exc.status in (Status.DEADLINE_EXCEEDED, Status.UNAVAILABLE), exc
+                assert not unknown, f"a second write with its outcome unknown: {exc}"
+                unknown = values
+                continue
+            except TimeoutError:  # our deadline
+                assert not unknown, "a second write with its outcome unknown"
+                unknown = values
+                continue
+            assert not unknown, "a write was taken after one no quorum could commit"
+            assert first == len(acked)
+            acked += values
+        assert refused is not None, f"{len(acked) * RECORD} bytes taken, none refused"
+        assert re.match(r"insufficient storage: nodes node-1, node-2 have less disk free than "
+                        r"their reserve", refused.message or ""), refused.message
+        tls = (pki.root_client_cert, pki.root_client_key, pki.ca_cert)
+        async with DclClient([node0.rpc_addr], tls, retries=1) as client:
+            with pytest.raises(InsufficientStorage) as info:
+                await client.produce(b"refused")
+            assert info.value.node == "node-1, node-2"
+        await assert_serves_exactly([node0], acked)
+        for node in (node1, node2):
+            assert_no_storage_failure(node)
+            held = await node.consume_all()
+            assert held == (acked + unknown)[:len(held)], f"{node.name} diverged"
+            assert len(held) >= len(acked) - BATCH, f"{node.name} held {len(held)}"
+        assert await cluster.leader_among(cluster.nodes, timeout=SETTLE) is node0
+
+        # One follower with room again: a quorum; the batch in flight commits, writes resume.
+        free_space(node1)
+
+        async def accepted() -> int:
+            return await node0.produce_batch(batch_at(len(acked) + len(unknown))) + 1
+
+        first = await eventually(accepted, timeout=10, what="a write with a quorum again")
+        acked += unknown
+        assert first - 1 == len(acked), "the refused writes were appended"
+        acked += batch_at(len(acked))
+        await assert_serves_exactly([node0, node1], acked)
+        free_space(node2)
+        await assert_serves_exactly(cluster.nodes, acked)
+        for node in cluster.nodes:
+            assert_no_storage_failure(node)

@@ -788,6 +788,11 @@ class RaftNode:
         self._reads_waiting_commit = []
         self._need_bcast = False
 
+    def drop_incoming_snapshot(self) -> None:
+        """Drop a partly received snapshot (its spool's disk), as if its chunks were lost:
+        the leader's next chunk finds the transfer gone and it starts again from offset 0."""
+        self._drop_incoming()
+
     def _drop_incoming(self) -> None:
         """Drop a partly received snapshot: one from an earlier term can never be completed
         (its chunks are keyed by term), and its spool may hold a commit log's worth of disk.
@@ -1189,7 +1194,8 @@ class RaftNode:
         off = pr.snap_offset
         chunk = bytes(snap.data[off : off + self._cfg.snapshot_chunk_size])
         done = off + len(chunk) >= len(snap.data)
-        self._send(InstallSnapshot(self._term, self.id, peer, snap.meta, off, chunk, done))
+        self._send(InstallSnapshot(self._term, self.id, peer, snap.meta, off, chunk, done,
+                                   len(snap.data)))
 
     # ------------------------------------------------------------------ ReadIndex
 

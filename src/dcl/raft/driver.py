@@ -23,7 +23,13 @@ from collections.abc import Callable, Generator, Sequence
 from typing import Any, Protocol
 
 from dcl.batching import runs_within
-from dcl.errors import CommitTimeout, CorruptRecord, NotLeader, Unavailable
+from dcl.errors import (
+    CommitTimeout,
+    CorruptRecord,
+    InsufficientStorage,
+    NotLeader,
+    Unavailable,
+)
 from dcl.metrics import Histogram
 from dcl.raft.core import RaftNode
 from dcl.raft.storage import RaftStorage
@@ -32,6 +38,8 @@ from dcl.raft.types import (
     ConfChange,
     Config,
     Entry,
+    EntryType,
+    HeartbeatResponse,
     InstallSnapshot,
     Message,
     Ready,
@@ -181,6 +189,8 @@ class RaftDriver:
         self.dropped_for_disk = 0
         #: The last snapshot due found no room for it (logged once until it does).
         self._snapshot_waits_for_space = False
+        #: On a leader: the peers whose last heartbeat answer said their disk is low.
+        self._peers_disk_low: set[str] = set()
         self._wake = asyncio.Event()
         #: index -> (term, settle(error, result), commit-timeout timer), one per proposal.
         self._waiters: dict[int, tuple[int, _Settle, asyncio.TimerHandle]] = {}
@@ -256,13 +266,18 @@ class RaftDriver:
         """A message from a peer (called by the transport service)."""
         if m.dst != self.node_id:
             return
-        if (self.disk is not None and (type(m) is InstallSnapshot
-                                       or (type(m) is AppendEntries and m.entries))
-                and self.disk.low):
-            # Dropped, not answered, as below: writing them could fill the disk, which stops
-            # the node. The leader resends once this node answers again (space freed).
-            self.dropped_for_disk += 1
-            return
+        if self.disk is not None:
+            if isinstance(m, HeartbeatResponse):
+                if m.disk_low:
+                    self._peers_disk_low.add(m.src)
+                else:
+                    self._peers_disk_low.discard(m.src)
+            elif (isinstance(m, InstallSnapshot) or (isinstance(m, AppendEntries) and m.entries)
+                  ) and self._refused_for_disk(m):
+                # Dropped, not answered, as below: writing it could fill the disk, which
+                # stops the node. The leader resends once space is freed.
+                self.dropped_for_disk += 1
+                return
         if type(m) is AppendEntries and m.entries:
             if self.log_memory_full:
                 # Dropped, not answered: the leader resends what this node lacks once it
@@ -344,8 +359,44 @@ class RaftDriver:
         # applied: the loop starts it next, after that Ready if need be.
         return self.snapshot_in_progress or (
             log_bytes >= self._snapshot_max_log_bytes
-            and self._snapshot_allowed(self.core.commit_index)
-            and self._room_for_snapshot())
+            and self._snapshot_allowed(self.core.commit_index))
+
+    @property
+    def disk_full(self) -> bool:
+        """This node takes no new records for lack of disk: free space is below its reserve,
+        or its Raft log is at its memory limit (`log_memory_full`) while the snapshot that
+        would free it has no room on the disk (`_room_for_snapshot`), which holding appends
+        for would hold them until freed space lets the snapshot start."""
+        disk = self.disk
+        if disk is None:
+            return False
+        return disk.low or (
+            self.core.log_bytes >= self._max_log_memory and not self.snapshot_in_progress
+            and self.log_memory_full and not self._room_for_snapshot())
+
+    def write_refusal(self) -> InsufficientStorage | None:
+        """Why a leader takes no new records now, if it does not: its own disk (`disk_full`),
+        or fewer than a quorum of voters with room (a follower's heartbeat answers say when
+        its disk is low): entries no quorum can write would time out with their outcome
+        unknown, and commit later, once space is freed, behind a client that gave up."""
+        disk = self.disk
+        if disk is None:
+            return None
+        if self.disk_full:
+            free = disk.free_bytes()
+            if disk.low:
+                return InsufficientStorage(self.node_id, free, disk.reserve_bytes)
+            need = 2 * self._fsm.state_bytes()
+            return InsufficientStorage(self.node_id, free, disk.reserve_bytes + need,
+                                       detail=f"{need} of them for the snapshot that must "
+                                              "free its Raft log first")
+        if not self._peers_disk_low:
+            return None
+        voters = self.core.voters
+        low = sorted(self._peers_disk_low & voters - {self.node_id})
+        if len(voters) - len(low) > len(voters) // 2:
+            return None
+        return InsufficientStorage.of_peers(low, len(voters))
 
     @property
     def snapshot_in_progress(self) -> bool:
@@ -416,6 +467,7 @@ class RaftDriver:
                 role = self.core.role
                 if role is not self._last_role:
                     self._last_role = role
+                    self._peers_disk_low.clear()  # heard as leader of an earlier term
                     self.on_role_change(role)
         except Exception as exc:  # a storage failure: stop rather than diverge
             log.exception("raft driver failed node=%s", self.node_id)
@@ -511,16 +563,25 @@ class RaftDriver:
                 self._tick_if_due(loop)
                 beats = self.core.take_heartbeats()
                 if beats:
-                    self._transport.send(beats)
+                    self._send(beats)
             else:
                 self._answer_heartbeats()
         work.result()
+
+    def _send(self, messages: Sequence[Message]) -> None:
+        """To the transport; a follower's heartbeat answers say whether its disk is full
+        (the leader counts such voters out of its write quorum: `write_refusal`)."""
+        if self.disk is not None and self.disk_full:
+            for m in messages:
+                if type(m) is HeartbeatResponse:
+                    m.disk_low = True
+        self._transport.send(messages)
 
     def _answer_heartbeats(self) -> None:
         """In a long Ready, answer the leader's heartbeats now; other answers wait for it."""
         answers = self.core.take_heartbeat_responses(self._storage.durable_term)
         if answers:
-            self._transport.send(answers)
+            self._send(answers)
 
     async def _handle(self, rd: Ready) -> None:
         loop = asyncio.get_running_loop()
@@ -528,7 +589,7 @@ class RaftDriver:
         # apply first, so waiting proposers are answered before the commit broadcast is sent.
         send_early = rd.send_before_persist and bool(rd.entries or rd.snapshot)
         if send_early and rd.messages:
-            self._transport.send(rd.messages)
+            self._send(rd.messages)
             # Let the transport put them on the wire before this node's own fsync is handed
             # to a thread: that thread would compete for the GIL with the sends, and the
             # followers' acknowledgements, not our fsync, are what a commit waits for.
@@ -557,7 +618,7 @@ class RaftDriver:
                 await self._persisting(self._start_sync(loop))
             self.fsync_seconds.observe(time.perf_counter() - started)
         if not rd.send_before_persist and rd.messages:
-            self._transport.send(rd.messages)
+            self._send(rd.messages)
         if rd.snapshot is not None:
             # On the loop (readers share the commit log with the FSM, which is single-threaded),
             # but a step at a time: a restore takes seconds per GiB, and a node that serves
@@ -590,7 +651,7 @@ class RaftDriver:
                 # an answer. One-at-a-time Produce p50 1.74 -> 1.55 ms (probe, 3 pairs of
                 # runs). Replication (entries) never waits.
                 await asyncio.sleep(0)
-            self._transport.send(rd.messages)
+            self._send(rd.messages)
         self.core.advance(rd)
         if rd.committed_entries:
             self._maybe_snapshot()
@@ -635,6 +696,36 @@ class RaftDriver:
         log's first entry, nor again before the threshold after one skipped on damage)."""
         return (self._snapshot_every > 0 and not self._stopping
                 and upto >= self._snapshot_after and upto >= self.core.first_index)
+
+    def _refused_for_disk(self, m: AppendEntries | InstallSnapshot) -> bool:
+        """Whether a follower must drop m for lack of disk (see `disk_full`).
+
+        Appends of configuration changes and no-ops alone are taken: they are tiny, and a
+        new leader's no-op or a change of members (adding a node with room) must be able to
+        commit on nodes that take no records. A snapshot needs room for all of it before
+        its first chunk: the spool it is received into, the snapshot file saved from it and
+        the records the restore adds to the commit log (`_room_for_install`); a chunk
+        dropped partway drops the spool too (its disk comes back; the transfer restarts)."""
+        if type(m) is AppendEntries:
+            return self.disk_full and any(e.type is EntryType.NORMAL for e in m.entries)
+        assert type(m) is InstallSnapshot
+        if not self.disk_full and (m.offset or self._room_for_install(m.size)):
+            return False
+        self.core.drop_incoming_snapshot()
+        return True
+
+    def _room_for_install(self, size: int) -> bool:
+        disk = self.disk
+        if disk is None or disk.reserve_bytes == 0:
+            return True
+        need = 2 * size + max(size - self._fsm.state_bytes(), 0)
+        free = disk.free_bytes()
+        if free - need >= disk.reserve_bytes:
+            return True
+        log.warning("snapshot from the leader waits for disk space node=%s snapshot_bytes=%d "
+                    "needs_bytes=%d free_bytes=%d reserve_bytes=%d", self.node_id, size, need,
+                    free, disk.reserve_bytes)
+        return False
 
     def _room_for_snapshot(self) -> bool:
         """Whether the disk holds a snapshot above its reserve: the build's scratch file and

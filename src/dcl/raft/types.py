@@ -276,18 +276,20 @@ class Heartbeat:
 
 @dataclass(slots=True, unsafe_hash=True)
 class HeartbeatResponse:
-    """Follower -> leader: echoes `context` (confirms leadership for ReadIndex)."""
+    """Follower -> leader: echoes `context` (confirms leadership for ReadIndex). `disk_low`:
+    the follower takes no new entries for lack of disk (set by its driver, not the core)."""
 
     term: int
     src: NodeId
     dst: NodeId
     context: int = 0
+    disk_low: bool = False
 
 
 @dataclass(slots=True, unsafe_hash=True)
 class InstallSnapshot:
     """Leader -> follower: one chunk of the leader's snapshot, `data` starts at byte `offset`
-    of the snapshot data; `done` marks the last chunk."""
+    of the snapshot data; `done` marks the last chunk; `size`: the whole snapshot's bytes."""
 
     term: int
     src: NodeId
@@ -296,6 +298,7 @@ class InstallSnapshot:
     offset: int
     data: bytes
     done: bool
+    size: int = 0
 
 
 @dataclass(slots=True, unsafe_hash=True)

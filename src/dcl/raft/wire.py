@@ -90,12 +90,13 @@ def encode_message_into(out: pb.RaftMessage, m: Message, src_addr: str = "") -> 
         h.commit, h.context = m.commit, m.context
         h.SetInParent()
     elif isinstance(m, HeartbeatResponse):
-        out.heartbeat_response.context = m.context
-        out.heartbeat_response.SetInParent()
+        hr = out.heartbeat_response
+        hr.context, hr.disk_low = m.context, m.disk_low
+        hr.SetInParent()
     elif isinstance(m, InstallSnapshot):
         sn = out.snapshot
         sn.meta.CopyFrom(_meta_to_pb(m.meta))
-        sn.offset, sn.data, sn.done = m.offset, m.data, m.done
+        sn.offset, sn.data, sn.done, sn.size = m.offset, m.data, m.done, m.size
     elif isinstance(m, SnapshotResponse):
         sr = out.snapshot_response
         sr.index, sr.offset, sr.done = m.index, m.offset, m.done
@@ -129,12 +130,13 @@ def decode_message(p: pb.RaftMessage) -> Message:
     if kind == "heartbeat":
         return Heartbeat(t, s, d, p.heartbeat.commit, p.heartbeat.context)
     if kind == "heartbeat_response":
-        return HeartbeatResponse(t, s, d, p.heartbeat_response.context)
+        hr = p.heartbeat_response
+        return HeartbeatResponse(t, s, d, hr.context, hr.disk_low)
     if kind == "snapshot":
         sn = p.snapshot
         meta = SnapshotMeta(sn.meta.index, sn.meta.term, frozenset(sn.meta.voters),
                             frozenset(sn.meta.learners))
-        return InstallSnapshot(t, s, d, meta, sn.offset, sn.data, sn.done)
+        return InstallSnapshot(t, s, d, meta, sn.offset, sn.data, sn.done, sn.size)
     if kind == "snapshot_response":
         r2 = p.snapshot_response
         return SnapshotResponse(t, s, d, r2.index, r2.offset, r2.done)

@@ -34,7 +34,6 @@ from dcl.api.dcl.v1 import raft_pb2
 from dcl.batching import runs_within
 from dcl.errors import (
     CorruptRecord,
-    InsufficientStorage,
     NotLeader,
     OffsetOutOfRange,
     Unavailable,
@@ -755,11 +754,10 @@ class ReplicatedBackend:
             fut.set_exception(self._not_leader())
             return fut
         disk = self.driver.disk
-        if disk is not None and disk.low:
+        if disk is not None and (refusal := self.driver.write_refusal()) is not None:
             # Refused, not held: a disk frees up on an operator's time, not a call's.
             disk.refused += 1
-            fut.set_exception(InsufficientStorage(disk.node, disk.free_bytes(),
-                                                  disk.reserve_bytes))
+            fut.set_exception(refusal)
             return fut
         if not self._pending:
             loop.call_soon(self._flush)
@@ -774,12 +772,20 @@ class ReplicatedBackend:
         for the snapshot that frees it rather than grow this node's memory without bound.
         The check is made before each entry, so what was queued during a hold does not
         overfill the log once it lifts. An append whose caller gave up meanwhile (deadline,
-        cancel; a ProduceStream cancels all it still has queued) is not proposed.
+        cancel; a ProduceStream cancels all it still has queued) is not proposed, and none is
+        once the node takes no records for lack of disk (`RaftDriver.write_refusal`).
         """
         pending = [item for item in self._pending if not item[1].done()]
         self._pending = []
         chunks = runs_within(pending, lambda item: sum(map(len, item[0])), _COALESCE_BYTES)
         for i, chunk in enumerate(chunks):
+            refusal = self.driver.write_refusal() if self.driver.disk is not None else None
+            if refusal is not None:
+                # The disk went low while these waited (a hold, or one loop turn).
+                for rest in chunks[i:]:
+                    _fail_all(rest, refusal)
+                self._held_since = None
+                return
             if self._must_hold():
                 self._pending = [item for rest in chunks[i:] for item in rest] + self._pending
                 asyncio.get_running_loop().call_later(_HOLD_POLL_SECONDS, self._flush)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x63l/api/dcl/v1/raft.proto\x12\x06\x64\x63l.v1\"D\n\tRaftEntry\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"Q\n\x10RaftSnapshotMeta\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0e\n\x06voters\x18\x03 \x03(\t\x12\x10\n\x08learners\x18\x04 \x03(\t\"\x84\x01\n\x10\x41ppendEntriesMsg\x12\x12\n\nprev_index\x18\x01 \x01(\x04\x12\x11\n\tprev_term\x18\x02 \x01(\x04\x12\"\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x11.dcl.v1.RaftEntry\x12\x0e\n\x06\x63ommit\x18\x04 \x01(\x04\x12\x15\n\rwant_response\x18\x05 \x01(\x08\"Y\n\x11\x41ppendResponseMsg\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0e\n\x06reject\x18\x02 \x01(\x08\x12\x12\n\nhint_index\x18\x03 \x01(\x04\x12\x11\n\thint_term\x18\x04 \x01(\x04\"[\n\x0eRequestVoteMsg\x12\x12\n\nlast_index\x18\x01 \x01(\x04\x12\x11\n\tlast_term\x18\x02 \x01(\x04\x12\x10\n\x08pre_vote\x18\x03 \x01(\x08\x12\x10\n\x08transfer\x18\x04 \x01(\x08\"4\n\x0fVoteResponseMsg\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08pre_vote\x18\x02 \x01(\x08\"/\n\x0cHeartbeatMsg\x12\x0e\n\x06\x63ommit\x18\x01 \x01(\x04\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\x04\"\'\n\x14HeartbeatResponseMsg\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\x04\"h\n\x12InstallSnapshotMsg\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.dcl.v1.RaftSnapshotMeta\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\"B\n\x13SnapshotResponseMsg\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\x0f\n\rTimeoutNowMsg\"\x8a\x04\n\x0bRaftMessage\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x0b\n\x03src\x18\x02 \x01(\t\x12\x0b\n\x03\x64st\x18\x03 \x01(\t\x12*\n\x06\x61ppend\x18\x04 \x01(\x0b\x32\x18.dcl.v1.AppendEntriesMsgH\x00\x12\x34\n\x0f\x61ppend_response\x18\x05 \x01(\x0b\x32\x19.dcl.v1.AppendResponseMsgH\x00\x12&\n\x04vote\x18\x06 \x01(\x0b\x32\x16.dcl.v1.RequestVoteMsgH\x00\x12\x30\n\rvote_response\x18\x07 \x01(\x0b\x32\x17.dcl.v1.VoteResponseMsgH\x00\x12)\n\theartbeat\x18\x08 \x01(\x0b\x32\x14.dcl.v1.HeartbeatMsgH\x00\x12:\n\x12heartbeat_response\x18\t \x01(\x0b\x32\x1c.dcl.v1.HeartbeatResponseMsgH\x00\x12.\n\x08snapshot\x18\n \x01(\x0b\x32\x1a.dcl.v1.InstallSnapshotMsgH\x00\x12\x38\n\x11snapshot_response\x18\x0b \x01(\x0b\x32\x1b.dcl.v1.SnapshotResponseMsgH\x00\x12,\n\x0btimeout_now\x18\x0c \x01(\x0b\x32\x15.dcl.v1.TimeoutNowMsgH\x00\x12\x10\n\x08src_addr\x18\r \x01(\tB\x06\n\x04\x62ody\"2\n\tRaftBatch\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.dcl.v1.RaftMessage\"#\n\x0fRaftSendSummary\x12\x10\n\x08received\x18\x01 \x01(\x04\"$\n\x12RecordBatchCommand\x12\x0e\n\x06values\x18\x01 \x03(\x0c\"2\n\x12PeerAddressCommand\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08rpc_addr\x18\x02 \x01(\t2>\n\x04Raft\x12\x36\n\x04Send\x12\x11.dcl.v1.RaftBatch\x1a\x17.dcl.v1.RaftSendSummary\"\x00(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64\x63l/api/dcl/v1/raft.proto\x12\x06\x64\x63l.v1\"D\n\tRaftEntry\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"Q\n\x10RaftSnapshotMeta\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0e\n\x06voters\x18\x03 \x03(\t\x12\x10\n\x08learners\x18\x04 \x03(\t\"\x84\x01\n\x10\x41ppendEntriesMsg\x12\x12\n\nprev_index\x18\x01 \x01(\x04\x12\x11\n\tprev_term\x18\x02 \x01(\x04\x12\"\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x11.dcl.v1.RaftEntry\x12\x0e\n\x06\x63ommit\x18\x04 \x01(\x04\x12\x15\n\rwant_response\x18\x05 \x01(\x08\"Y\n\x11\x41ppendResponseMsg\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0e\n\x06reject\x18\x02 \x01(\x08\x12\x12\n\nhint_index\x18\x03 \x01(\x04\x12\x11\n\thint_term\x18\x04 \x01(\x04\"[\n\x0eRequestVoteMsg\x12\x12\n\nlast_index\x18\x01 \x01(\x04\x12\x11\n\tlast_term\x18\x02 \x01(\x04\x12\x10\n\x08pre_vote\x18\x03 \x01(\x08\x12\x10\n\x08transfer\x18\x04 \x01(\x08\"4\n\x0fVoteResponseMsg\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x10\n\x08pre_vote\x18\x02 \x01(\x08\"/\n\x0cHeartbeatMsg\x12\x0e\n\x06\x63ommit\x18\x01 \x01(\x04\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\x04\"9\n\x14HeartbeatResponseMsg\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\x04\x12\x10\n\x08\x64isk_low\x18\x02 \x01(\x08\"v\n\x12InstallSnapshotMsg\x12&\n\x04meta\x18\x01 \x01(\x0b\x32\x18.dcl.v1.RaftSnapshotMeta\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x0c\n\x04size\x18\x05 \x01(\x04\"B\n\x13SnapshotResponseMsg\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\"\x0f\n\rTimeoutNowMsg\"\x8a\x04\n\x0bRaftMessage\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x0b\n\x03src\x18\x02 \x01(\t\x12\x0b\n\x03\x64st\x18\x03 \x01(\t\x12*\n\x06\x61ppend\x18\x04 \x01(\x0b\x32\x18.dcl.v1.AppendEntriesMsgH\x00\x12\x34\n\x0f\x61ppend_response\x18\x05 \x01(\x0b\x32\x19.dcl.v1.AppendResponseMsgH\x00\x12&\n\x04vote\x18\x06 \x01(\x0b\x32\x16.dcl.v1.RequestVoteMsgH\x00\x12\x30\n\rvote_response\x18\x07 \x01(\x0b\x32\x17.dcl.v1.VoteResponseMsgH\x00\x12)\n\theartbeat\x18\x08 \x01(\x0b\x32\x14.dcl.v1.HeartbeatMsgH\x00\x12:\n\x12heartbeat_response\x18\t \x01(\x0b\x32\x1c.dcl.v1.HeartbeatResponseMsgH\x00\x12.\n\x08snapshot\x18\n \x01(\x0b\x32\x1a.dcl.v1.InstallSnapshotMsgH\x00\x12\x38\n\x11snapshot_response\x18\x0b \x01(\x0b\x32\x1b.dcl.v1.SnapshotResponseMsgH\x00\x12,\n\x0btimeout_now\x18\x0c \x01(\x0b\x32\x15.dcl.v1.TimeoutNowMsgH\x00\x12\x10\n\x08src_addr\x18\r \x01(\tB\x06\n\x04\x62ody\"2\n\tRaftBatch\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.dcl.v1.RaftMessage\"#\n\x0fRaftSendSummary\x12\x10\n\x08received\x18\x01 \x01(\x04\"$\n\x12RecordBatchCommand\x12\x0e\n\x06values\x18\x01 \x03(\x0c\"2\n\x12PeerAddressCommand\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08rpc_addr\x18\x02 \x01(\t2>\n\x04Raft\x12\x36\n\x04Send\x12\x11.dcl.v1.RaftBatch\x1a\x17.dcl.v1.RaftSendSummary\"\x00(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,23 +46,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATMSG']._serialized_start=563
   _globals['_HEARTBEATMSG']._serialized_end=610
   _globals['_HEARTBEATRESPONSEMSG']._serialized_start=612
-  _globals['_HEARTBEATRESPONSEMSG']._serialized_end=651
-  _globals['_INSTALLSNAPSHOTMSG']._serialized_start=653
-  _globals['_INSTALLSNAPSHOTMSG']._serialized_end=757
-  _globals['_SNAPSHOTRESPONSEMSG']._serialized_start=759
-  _globals['_SNAPSHOTRESPONSEMSG']._serialized_end=825
-  _globals['_TIMEOUTNOWMSG']._serialized_start=827
-  _globals['_TIMEOUTNOWMSG']._serialized_end=842
-  _globals['_RAFTMESSAGE']._serialized_start=845
-  _globals['_RAFTMESSAGE']._serialized_end=1367
-  _globals['_RAFTBATCH']._serialized_start=1369
-  _globals['_RAFTBATCH']._serialized_end=1419
-  _globals['_RAFTSENDSUMMARY']._serialized_start=1421
-  _globals['_RAFTSENDSUMMARY']._serialized_end=1456
-  _globals['_RECORDBATCHCOMMAND']._serialized_start=1458
-  _globals['_RECORDBATCHCOMMAND']._serialized_end=1494
-  _globals['_PEERADDRESSCOMMAND']._serialized_start=1496
-  _globals['_PEERADDRESSCOMMAND']._serialized_end=1546
-  _globals['_RAFT']._serialized_start=1548
-  _globals['_RAFT']._serialized_end=1610
+  _globals['_HEARTBEATRESPONSEMSG']._serialized_end=669
+  _globals['_INSTALLSNAPSHOTMSG']._serialized_start=671
+  _globals['_INSTALLSNAPSHOTMSG']._serialized_end=789
+  _globals['_SNAPSHOTRESPONSEMSG']._serialized_start=791
+  _globals['_SNAPSHOTRESPONSEMSG']._serialized_end=857
+  _globals['_TIMEOUTNOWMSG']._serialized_start=859
+  _globals['_TIMEOUTNOWMSG']._serialized_end=874
+  _globals['_RAFTMESSAGE']._serialized_start=877
+  _globals['_RAFTMESSAGE']._serialized_end=1399
+  _globals['_RAFTBATCH']._serialized_start=1401
+  _globals['_RAFTBATCH']._serialized_end=1451
+  _globals['_RAFTSENDSUMMARY']._serialized_start=1453
+  _globals['_RAFTSENDSUMMARY']._serialized_end=1488
+  _globals['_RECORDBATCHCOMMAND']._serialized_start=1490
+  _globals['_RECORDBATCHCOMMAND']._serialized_end=1526
+  _globals['_PEERADDRESSCOMMAND']._serialized_start=1528
+  _globals['_PEERADDRESSCOMMAND']._serialized_end=1578
+  _globals['_RAFT']._serialized_start=1580
+  _globals['_RAFT']._serialized_end=1642
 # @@protoc_insertion_point(module_scope)

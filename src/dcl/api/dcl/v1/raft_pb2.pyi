@@ -85,22 +85,26 @@ class HeartbeatMsg(_message.Message):
     def __init__(self, commit: _Optional[int] = ..., context: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponseMsg(_message.Message):
-    __slots__ = ("context",)
+    __slots__ = ("context", "disk_low")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    DISK_LOW_FIELD_NUMBER: _ClassVar[int]
     context: int
-    def __init__(self, context: _Optional[int] = ...) -> None: ...
+    disk_low: bool
+    def __init__(self, context: _Optional[int] = ..., disk_low: _Optional[bool] = ...) -> None: ...
 
 class InstallSnapshotMsg(_message.Message):
-    __slots__ = ("meta", "offset", "data", "done")
+    __slots__ = ("meta", "offset", "data", "done", "size")
     META_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     meta: RaftSnapshotMeta
     offset: int
     data: bytes
     done: bool
-    def __init__(self, meta: _Optional[_Union[RaftSnapshotMeta, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ...) -> None: ...
+    size: int
+    def __init__(self, meta: _Optional[_Union[RaftSnapshotMeta, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., done: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
 
 class SnapshotResponseMsg(_message.Message):
     __slots__ = ("index", "offset", "done")
