@@ -135,6 +135,11 @@ def _resolver(fut: asyncio.Future[Any]) -> _Settle:
     return settle
 
 
+#: How often a leader whose disk takes no records tries to hand leadership to a voter with
+#: room (a transfer that does not happen within an election timeout is abandoned).
+_HANDOFF_SECONDS = 0.5
+
+
 class RaftDriver:
     """Drives one RaftNode. Proposals resolve once their entry is applied locally."""
 
@@ -187,10 +192,14 @@ class RaftDriver:
         self.disk = disk
         #: Entries and snapshot chunks dropped on a low disk (metrics).
         self.dropped_for_disk = 0
-        #: The last snapshot due found no room for it (logged once until it does).
+        #: The last snapshot due, and the last one offered by the leader, found no room on
+        #: the disk (each logged once until one does).
         self._snapshot_waits_for_space = False
+        self._install_waits_for_space = False
         #: On a leader: the peers whose last heartbeat answer said their disk is low.
         self._peers_disk_low: set[str] = set()
+        #: When a leader whose disk is full may next try to hand leadership over.
+        self._handoff_at = 0.0
         self._wake = asyncio.Event()
         #: index -> (term, settle(error, result), commit-timeout timer), one per proposal.
         self._waiters: dict[int, tuple[int, _Settle, asyncio.TimerHandle]] = {}
@@ -469,6 +478,10 @@ class RaftDriver:
                     self._last_role = role
                     self._peers_disk_low.clear()  # heard as leader of an earlier term
                     self.on_role_change(role)
+                if (role is Role.LEADER and self.disk is not None
+                        and loop.time() >= self._handoff_at and self.disk_full):
+                    self._handoff_at = loop.time() + _HANDOFF_SECONDS
+                    self._hand_off_for_disk()
         except Exception as exc:  # a storage failure: stop rather than diverge
             log.exception("raft driver failed node=%s", self.node_id)
             self._failed = exc
@@ -570,11 +583,19 @@ class RaftDriver:
 
     def _send(self, messages: Sequence[Message]) -> None:
         """To the transport; a follower's heartbeat answers say whether its disk is full
-        (the leader counts such voters out of its write quorum: `write_refusal`)."""
+        (the leader counts such voters out of its write quorum: `write_refusal`, sends
+        them no records and hands leadership to one with room when its own is full)."""
         if self.disk is not None and self.disk_full:
             for m in messages:
                 if type(m) is HeartbeatResponse:
                     m.disk_low = True
+        if self._peers_disk_low:
+            # What such a peer would drop (`_refused_for_disk`) is not sent: it would be
+            # resent at every heartbeat answer, 256 KiB a time, until space is freed.
+            low = self._peers_disk_low
+            messages = [m for m in messages if m.dst not in low or not (
+                type(m) is InstallSnapshot or (type(m) is AppendEntries and any(
+                    e.type is EntryType.NORMAL for e in m.entries)))]
         self._transport.send(messages)
 
     def _answer_heartbeats(self) -> None:
@@ -697,6 +718,24 @@ class RaftDriver:
         return (self._snapshot_every > 0 and not self._stopping
                 and upto >= self._snapshot_after and upto >= self.core.first_index)
 
+    def _hand_off_for_disk(self) -> None:
+        """A leader that takes no records for lack of disk hands leadership to the voter
+        with room that is furthest along, as Kafka moves leadership off a broker whose log
+        directory failed: the cluster goes on taking writes while a quorum has room. Only to
+        a voter heard from recently whose heartbeat answers do not say its disk is low (so
+        leadership never moves to a node that would refuse too); none: keep leading, and
+        refusing."""
+        progress = self.core.progress()
+        candidates = [p for p in self.core.voters - self._peers_disk_low - {self.node_id}
+                      if (pr := progress.get(p)) is not None and pr.heard_recently]
+        if not candidates:
+            return
+        target = max(candidates, key=lambda p: (progress[p].match, p))
+        log.warning("disk takes no new records: handing leadership to node=%s (match %d of "
+                    "%d) node=%s", target, progress[target].match, self.core.last_index,
+                    self.node_id)
+        self.core.transfer_leadership(target)
+
     def _refused_for_disk(self, m: AppendEntries | InstallSnapshot) -> bool:
         """Whether a follower must drop m for lack of disk (see `disk_full`).
 
@@ -720,12 +759,13 @@ class RaftDriver:
             return True
         need = 2 * size + max(size - self._fsm.state_bytes(), 0)
         free = disk.free_bytes()
-        if free - need >= disk.reserve_bytes:
-            return True
-        log.warning("snapshot from the leader waits for disk space node=%s snapshot_bytes=%d "
-                    "needs_bytes=%d free_bytes=%d reserve_bytes=%d", self.node_id, size, need,
-                    free, disk.reserve_bytes)
-        return False
+        room = free - need >= disk.reserve_bytes
+        if not room and not self._install_waits_for_space:  # once, not at every resend
+            log.warning("snapshot from the leader waits for disk space node=%s "
+                        "snapshot_bytes=%d needs_bytes=%d free_bytes=%d reserve_bytes=%d",
+                        self.node_id, size, need, free, disk.reserve_bytes)
+        self._install_waits_for_space = not room
+        return room
 
     def _room_for_snapshot(self) -> bool:
         """Whether the disk holds a snapshot above its reserve: the build's scratch file and
