@@ -24,6 +24,7 @@ import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import cast
 
@@ -41,7 +42,7 @@ from dcl.server.replicated import LogFsm, ReplicatedBackend
 from dcl.server.server import build_server
 from dcl.tls import client_context, server_context
 from tests.integration.cluster_harness import CALL_TIMEOUT, Cluster, NodeProcess, eventually
-from tests.integration.test_metrics_endpoint import one, serve_metrics
+from tests.integration.test_metrics_endpoint import Samples, one, serve_metrics
 from tests.unit.raft.test_driver import leader, record_value, until_applied
 from tests.unit.raft.test_driver_disk import RESERVE as RESERVE_UNIT
 from tests.unit.raft.test_driver_disk import Disk
@@ -74,6 +75,10 @@ REFUSAL = re.compile(r"^insufficient storage: node (\S+) has (\d+) bytes of disk
 #: What a node logs when its storage failed (it then exits) or anything else went wrong.
 FAILURE = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |raft driver failed|No space left|ENOSPC"
                      r"|Traceback|fsync failed")
+
+
+#: A scrape of one node's metrics (`serve_metrics`).
+Scrape = Callable[[NodeProcess], Coroutine[None, None, Samples]]
 
 
 def produce_request(value: bytes) -> log_pb2.ProduceRequest:
@@ -202,6 +207,22 @@ def assert_no_storage_failure(node: NodeProcess) -> None:
     assert not failures, "\n".join(failures)
 
 
+async def catches_up_once_freed(cluster: Cluster, node: NodeProcess, leader: NodeProcess,
+                                acked: list[bytes], scrape: Scrape) -> None:
+    """Space freed on node (a follower that took no records): it catches up by itself to
+    exactly the acknowledged records, takes new ones as they come, and says its disk is fine
+    again, without a storage failure."""
+    free_space(node)
+    await assert_serves_exactly([node], acked)
+    for _ in range(4):
+        assert await leader.produce_batch(batch_at(len(acked))) == len(acked)
+        acked += batch_at(len(acked))
+    await assert_serves_exactly(cluster.nodes, acked)
+    assert one(await scrape(node), "dcl_disk_low") == 0
+    assert "disk above its reserve again" in node.log_path.read_text()
+    assert_no_storage_failure(node)
+
+
 async def test_a_leader_whose_disk_fills_hands_leadership_to_a_follower_with_room(
     pki: PkiFiles, tmp_path: Path, private_mounts: None
 ) -> None:
@@ -256,16 +277,7 @@ async def test_a_leader_whose_disk_fills_hands_leadership_to_a_follower_with_roo
         await assert_serves_exactly(cluster.others(node0), acked)
         assert await cluster.leader_among(cluster.nodes, timeout=SETTLE) is target
 
-        # Space freed: node-0 catches up by itself, and takes new records.
-        free_space(node0)
-        await assert_serves_exactly([node0], acked)
-        for _ in range(4):
-            assert await target.produce_batch(batch_at(len(acked))) == len(acked)
-            acked += batch_at(len(acked))
-        await assert_serves_exactly(cluster.nodes, acked)
-        assert one(await scrape(node0), "dcl_disk_low") == 0
-        assert "disk above its reserve again" in node0.log_path.read_text()
-        assert_no_storage_failure(node0)
+        await catches_up_once_freed(cluster, node0, target, acked, scrape)
 
 
 async def test_a_follower_whose_disk_fills_lags_behind_serving_what_it_has_then_catches_up(
@@ -309,24 +321,15 @@ async def test_a_follower_whose_disk_fills_lags_behind_serving_what_it_has_then_
         assert "disk below its reserve" in node2.log_path.read_text()
         samples = await scrape(node2)
         assert one(samples, "dcl_disk_low") == 1
-        assert one(samples, "dcl_disk_refusals_total", kind="replication") >= 1
+        # (Its replication refusals may be none: once its heartbeat answers say its disk is
+        # low, the leader sends it no records to drop.)
         assert one(samples, "dcl_disk_refusals_total", kind="appends") == 0
         on_leader = await scrape(leader)
         assert one(on_leader, "dcl_raft_peer_lag_entries", peer=node2.name, voter="true") > 0
         await assert_serves_exactly([leader, other], acked)
         assert await cluster.leader_among(cluster.nodes, timeout=SETTLE) is leader
 
-        # Space freed: node-2 catches up by itself to exactly the leader's records, and
-        # takes new ones as they come.
-        free_space(node2)
-        await assert_serves_exactly([node2], acked)
-        for _ in range(4):
-            assert await leader.produce_batch(batch_at(len(acked))) == len(acked)
-            acked += batch_at(len(acked))
-        await assert_serves_exactly(cluster.nodes, acked)
-        assert one(await scrape(node2), "dcl_disk_low") == 0
-        assert "disk above its reserve again" in node2.log_path.read_text()
-        assert_no_storage_failure(node2)
+        await catches_up_once_freed(cluster, node2, leader, acked, scrape)
 
 
 async def test_a_produce_stream_appends_nothing_after_a_request_refused_for_the_disk(

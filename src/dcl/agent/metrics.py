@@ -157,7 +157,9 @@ class NodeMetrics:
             yield Family("dcl_disk_refusals_total", "counter",
                          "What the node refused for a low disk since start: appends "
                          "(client records, on a leader) and replication (entries and "
-                         "snapshot chunks dropped, on a follower).", ("kind",),
+                         "snapshot chunks a follower dropped on arrival; a leader sends "
+                         "none once the follower's heartbeat answers say its disk is low).",
+                         ("kind",),
                          [("", ("appends",), disk.refused),
                           ("", ("replication",), driver.dropped_for_disk)])
         yield gauge("dcl_rpc_active_calls", "Calls inside a handler (open streams included).",
