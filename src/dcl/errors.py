@@ -11,9 +11,10 @@ import re
 #: How `OffsetOutOfRange` names the range the log holds, in its message (and so on the wire).
 _HELD = re.compile(r"\(log holds \[(\d+), (\d+)\)\)")
 #: How `InsufficientStorage` names the node and its figures, in its message.
-_STORAGE = re.compile(r"node (\S+) has (\d+) bytes of disk free, below its reserve of (\d+)")
+_STORAGE = re.compile(r"node (\S+) has (\d+) bytes of disk free, below its reserve of (\d+)"
+                      r"(?: \(--min-free-bytes\) plus the (\d+))?")
 #: How `InsufficientStorage.of_peers` names the nodes without room.
-_STORAGE_PEERS = re.compile(r"nodes (.+?) have less disk free")
+_STORAGE_PEERS = re.compile(r"nodes? (.+?) ha(?:ve|s) no room on disk")
 
 
 class DclError(Exception):
@@ -90,25 +91,31 @@ class InsufficientStorage(DclError):
     PREFIX = "insufficient storage: "
 
     def __init__(
-        self, node: str, free_bytes: int, reserve_bytes: int, *, detail: str = ""
+        self, node: str, free_bytes: int, reserve_bytes: int, *, snapshot_bytes: int = 0
     ) -> None:
         self.node = node
-        #: -1 where not known here (a follower's disk, `of_peers`).
+        #: -1 where not known here (a follower's disk, `of_peers`). Above the reserve when
+        #: the room lacking is for `snapshot_bytes`: a snapshot that must free the node's
+        #: in-memory Raft log before it takes more.
         self.free_bytes = free_bytes
         self.reserve_bytes = reserve_bytes
+        self.snapshot_bytes = snapshot_bytes
+        below = (f"below its reserve of {reserve_bytes} (--min-free-bytes)" if not snapshot_bytes
+                 else f"below its reserve of {reserve_bytes} (--min-free-bytes) plus the "
+                      f"{snapshot_bytes} the snapshot that must free its Raft log first needs")
         super().__init__(
-            f"{self.PREFIX}node {node} has {free_bytes} bytes of disk free, below its reserve "
-            f"of {reserve_bytes} (--min-free-bytes{'; ' + detail if detail else ''}); nothing "
+            f"{self.PREFIX}node {node} has {free_bytes} bytes of disk free, {below}; nothing "
             "was appended, and writes resume once space is freed")
 
     @classmethod
     def of_peers(cls, low: list[str], voters: int) -> InsufficientStorage:
         """Too few voters have room for a quorum: `low` are below their reserve."""
         error = cls(", ".join(low), -1, -1)
+        nodes = f"nodes {', '.join(low)} have" if len(low) > 1 else f"node {low[0]} has"
         error.args = (
-            f"{cls.PREFIX}nodes {', '.join(low)} have less disk free than their reserve "
-            f"(--min-free-bytes), which leaves fewer than a quorum of the {voters} voters to "
-            "take new records; nothing was appended, and writes resume once space is freed",)
+            f"{cls.PREFIX}{nodes} no room on disk for new records (--min-free-bytes), which "
+            f"leaves fewer than a quorum of the {voters} voters to take them; nothing was "
+            "appended, and writes resume once space is freed",)
         return error
 
     @classmethod
@@ -116,7 +123,8 @@ class InsufficientStorage(DclError):
         """Rebuilt on the client from the server's status message (its figures included)."""
         found = _STORAGE.search(message)
         peers = _STORAGE_PEERS.search(message)
-        error = (cls(found[1], int(found[2]), int(found[3])) if found
+        error = (cls(found[1], int(found[2]), int(found[3]),
+                     snapshot_bytes=int(found[4] or 0)) if found
                  else cls(peers[1] if peers else "<unknown>", -1, -1))
         error.args = (message,)  # the server's wording
         return error

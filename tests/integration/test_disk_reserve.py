@@ -422,8 +422,8 @@ async def test_writes_stop_when_a_quorum_lacks_disk_and_resume_when_one_has_room
             assert first == len(acked)
             acked += values
         assert refused is not None, f"{len(acked) * RECORD} bytes taken, none refused"
-        assert re.match(r"insufficient storage: nodes node-1, node-2 have less disk free than "
-                        r"their reserve", refused.message or ""), refused.message
+        assert re.match(r"insufficient storage: nodes node-1, node-2 have no room on disk ",
+                        refused.message or ""), refused.message
         tls = (pki.root_client_cert, pki.root_client_key, pki.ca_cert)
         async with DclClient([node0.rpc_addr], tls, retries=1) as client:
             with pytest.raises(InsufficientStorage) as info:
@@ -432,7 +432,7 @@ async def test_writes_stop_when_a_quorum_lacks_disk_and_resume_when_one_has_room
         for method in ("Produce", "ProduceStream"):
             error = await refusal(node0, method)
             assert error.status is Status.RESOURCE_EXHAUSTED, error
-            assert "nodes node-1, node-2 have less disk free" in (error.message or "")
+            assert "nodes node-1, node-2 have no room on disk" in (error.message or "")
         await assert_serves_exactly([node0], acked)
         for node in (node1, node2):
             assert_no_storage_failure(node)

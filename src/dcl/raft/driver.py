@@ -46,6 +46,7 @@ from dcl.raft.types import (
     Role,
     Snapshot,
     Status,
+    TimeoutNow,
 )
 from dcl.storage.aio import AioFsync, AioRefused
 from dcl.storage.space import DiskSpace
@@ -196,6 +197,8 @@ class RaftDriver:
         #: the disk (each logged once until one does).
         self._snapshot_waits_for_space = False
         self._install_waits_for_space = False
+        #: The size of the leader's snapshot that found no room here (0: none waiting).
+        self._install_wanted = 0
         #: On a leader: the peers whose last heartbeat answer said their disk is low.
         self._peers_disk_low: set[str] = set()
         #: When a leader whose disk is full may next try to hand leadership over.
@@ -277,14 +280,17 @@ class RaftDriver:
             return
         if self.disk is not None:
             if isinstance(m, HeartbeatResponse):
-                if m.disk_low:
-                    self._peers_disk_low.add(m.src)
-                else:
-                    self._peers_disk_low.discard(m.src)
-            elif (isinstance(m, InstallSnapshot) or (isinstance(m, AppendEntries) and m.entries)
-                  ) and self._refused_for_disk(m):
+                if m.term == self.core.term:  # not a stale answer to an older leader
+                    if m.disk_low:
+                        self._peers_disk_low.add(m.src)
+                    else:
+                        self._peers_disk_low.discard(m.src)
+            elif (isinstance(m, TimeoutNow | InstallSnapshot)
+                  or (isinstance(m, AppendEntries) and m.entries)
+                  ) and m.term >= self.core.term and self._refused_for_disk(m):
                 # Dropped, not answered, as below: writing it could fill the disk, which
-                # stops the node. The leader resends once space is freed.
+                # stops the node. The leader resends once space is freed. (A message of
+                # an older term goes to the core, which ignores it.)
                 self.dropped_for_disk += 1
                 return
         if type(m) is AppendEntries and m.entries:
@@ -372,13 +378,18 @@ class RaftDriver:
 
     @property
     def disk_full(self) -> bool:
-        """This node takes no new records for lack of disk: free space is below its reserve,
+        """This node takes no new records for lack of disk: free space is below its reserve;
         or its Raft log is at its memory limit (`log_memory_full`) while the snapshot that
         would free it has no room on the disk (`_room_for_snapshot`), which holding appends
-        for would hold them until freed space lets the snapshot start."""
+        for would hold them until freed space lets the snapshot start; or, on a follower,
+        the leader's snapshot it must install before any entry has no room
+        (`_room_for_install`). Its heartbeat answers say so."""
         disk = self.disk
         if disk is None:
             return False
+        if self._install_wanted and self.core.role is not Role.LEADER and not (
+                self._room_for_install(self._install_wanted)):
+            return True  # the snapshot it must take before any entry has no room
         return disk.low or (
             self.core.log_bytes >= self._max_log_memory and not self.snapshot_in_progress
             and self.log_memory_full and not self._room_for_snapshot())
@@ -395,10 +406,8 @@ class RaftDriver:
             free = disk.free_bytes()
             if disk.low:
                 return InsufficientStorage(self.node_id, free, disk.reserve_bytes)
-            need = 2 * self._fsm.state_bytes()
-            return InsufficientStorage(self.node_id, free, disk.reserve_bytes + need,
-                                       detail=f"{need} of them for the snapshot that must "
-                                              "free its Raft log first")
+            return InsufficientStorage(self.node_id, free, disk.reserve_bytes,
+                                       snapshot_bytes=2 * self._fsm.state_bytes())
         if not self._peers_disk_low:
             return None
         voters = self.core.voters
@@ -477,6 +486,7 @@ class RaftDriver:
                 if role is not self._last_role:
                     self._last_role = role
                     self._peers_disk_low.clear()  # heard as leader of an earlier term
+                    self._install_wanted = 0  # offered by an earlier leader
                     self.on_role_change(role)
                 if (role is Role.LEADER and self.disk is not None
                         and loop.time() >= self._handoff_at and self.disk_full):
@@ -722,12 +732,17 @@ class RaftDriver:
         """A leader that takes no records for lack of disk hands leadership to the voter
         with room that is furthest along, as Kafka moves leadership off a broker whose log
         directory failed: the cluster goes on taking writes while a quorum has room. Only to
-        a voter heard from recently whose heartbeat answers do not say its disk is low (so
-        leadership never moves to a node that would refuse too); none: keep leading, and
-        refusing."""
+        a voter heard from recently, holding every committed entry (a transfer stops this
+        leader taking proposals, configuration changes included, until it happens or an
+        election timeout passes: one that must catch up first would keep it from them), and
+        whose heartbeat answers do not say its disk is low (so leadership never moves to a
+        node that would refuse too; such a node also drops TimeoutNow); none: keep leading,
+        and refusing."""
         progress = self.core.progress()
+        commit = self.core.commit_index
         candidates = [p for p in self.core.voters - self._peers_disk_low - {self.node_id}
-                      if (pr := progress.get(p)) is not None and pr.heard_recently]
+                      if (pr := progress.get(p)) is not None and pr.heard_recently
+                      and pr.match >= commit]
         if not candidates:
             return
         target = max(candidates, key=lambda p: (progress[p].match, p))
@@ -736,7 +751,7 @@ class RaftDriver:
                     self.node_id)
         self.core.transfer_leadership(target)
 
-    def _refused_for_disk(self, m: AppendEntries | InstallSnapshot) -> bool:
+    def _refused_for_disk(self, m: AppendEntries | InstallSnapshot | TimeoutNow) -> bool:
         """Whether a follower must drop m for lack of disk (see `disk_full`).
 
         Appends of configuration changes and no-ops alone are taken: they are tiny, and a
@@ -747,7 +762,11 @@ class RaftDriver:
         dropped partway drops the spool too (its disk comes back; the transfer restarts)."""
         if type(m) is AppendEntries:
             return self.disk_full and any(e.type is EntryType.NORMAL for e in m.entries)
+        if type(m) is TimeoutNow:
+            return self.disk_full  # it would lead a cluster while refusing every write
         assert type(m) is InstallSnapshot
+        if not m.offset:
+            self._install_wanted = 0  # each offer is judged by its own size
         if not self.disk_full and (m.offset or self._room_for_install(m.size)):
             return False
         self.core.drop_incoming_snapshot()
@@ -765,6 +784,7 @@ class RaftDriver:
                         "snapshot_bytes=%d needs_bytes=%d free_bytes=%d reserve_bytes=%d",
                         self.node_id, size, need, free, disk.reserve_bytes)
         self._install_waits_for_space = not room
+        self._install_wanted = 0 if room else size
         return room
 
     def _room_for_snapshot(self) -> bool:

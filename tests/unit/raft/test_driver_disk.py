@@ -158,6 +158,7 @@ async def test_the_memory_limit_holds_when_the_snapshot_that_frees_it_has_no_roo
             if not driver.snapshot_in_progress:
                 break
             await asyncio.sleep(0.01)
+        assert not driver.snapshot_in_progress, "the last snapshot did not finish in 3 s"
         # Above the reserve (not low) but without room for two copies of 1 MiB of records.
         disk.free = RESERVE + (1 << 20)
         appended = 0
@@ -166,8 +167,9 @@ async def test_the_memory_limit_holds_when_the_snapshot_that_frees_it_has_no_roo
                 await asyncio.wait_for(backend.append([b"y" * 1024]), 2)
                 appended += 1
         assert 0 < appended < 100
-        assert "for the snapshot that must free its Raft log first" in str(refused.value)
-        assert refused.value.reserve_bytes > RESERVE
+        assert "the snapshot that must free its Raft log first needs" in str(refused.value)
+        assert refused.value.reserve_bytes == RESERVE < refused.value.free_bytes
+        assert refused.value.snapshot_bytes >= 2 << 20  # two copies of the 1 MiB log
         assert driver.core.log_bytes < 8192 + 1100  # the limit and one entry
         assert driver.disk_full and not disk.space.low
         disk.free = 1 << 40

@@ -75,6 +75,17 @@ def test_a_client_tells_a_full_disk_from_an_oversize_message() -> None:
     assert isinstance(back, InsufficientStorage)
     assert (back.node, back.free_bytes, back.reserve_bytes) == ("node-0", 1000, 268435456)
     assert str(back) == message and "--min-free-bytes" in message
+    for error in (InsufficientStorage("n1", 5 << 30, 1 << 28, snapshot_bytes=6 << 30),
+                  InsufficientStorage.of_peers(["n2", "n3"], 3),
+                  InsufficientStorage.of_peers(["n2"], 2)):
+        status, message, _ = grpc_status(error)
+        back = from_status(status, message)
+        assert isinstance(back, InsufficientStorage) and str(back) == str(error)
+        assert (back.node, back.free_bytes, back.reserve_bytes, back.snapshot_bytes) == (
+            error.node, error.free_bytes, error.reserve_bytes, error.snapshot_bytes)
+    snapshot = InsufficientStorage("n1", 5 << 30, 1 << 28, snapshot_bytes=6 << 30)
+    assert "plus the 6442450944 the snapshot" in str(snapshot)
+    assert "node n2 has no room on disk" in str(InsufficientStorage.of_peers(["n2"], 2))
     oversize = from_status(Status.RESOURCE_EXHAUSTED, "message of 9 bytes exceeds the limit")
     assert type(oversize) is InvalidRequest
     assert str(oversize) == "message of 9 bytes exceeds the limit"
