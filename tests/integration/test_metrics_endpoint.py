@@ -341,7 +341,10 @@ async def test_a_leader_shows_each_followers_lag_and_a_crashed_one_falls_behind(
 
         async def replicated() -> bool:
             on_leader = await scrape(leader)
-            lags = [one(on_leader, "dcl_raft_peer_lag_entries", peer=f.name, voter="true")
+            # None while a follower is still a learner (voter="false"): joining nodes are
+            # promoted once caught up, which may come after GetServers lists them.
+            lags = [on_leader.get(("dcl_raft_peer_lag_entries",
+                                   frozenset({"peer": f.name, "voter": "true"}.items())))
                     for f in followers]
             held = [one(await scrape(f), "dcl_log_next_offset") for f in followers]
             return lags == [0, 0] and held == [end, end]
