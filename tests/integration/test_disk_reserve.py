@@ -443,12 +443,14 @@ async def test_writes_stop_when_a_quorum_lacks_disk_and_resume_when_one_has_room
 
         # One follower with room again: a quorum; the batch in flight commits, writes resume.
         free_space(node1)
+        acked += unknown
+        # node-1 catches up, which commits the batch in flight (the leader had it logged).
+        await assert_serves_exactly([node0, node1], acked)
 
-        async def accepted() -> int:
-            return await node0.produce_batch(batch_at(len(acked) + len(unknown))) + 1
+        async def accepted() -> int:  # once node-1's heartbeat answers say it has room
+            return await node0.produce_batch(batch_at(len(acked))) + 1
 
         first = await eventually(accepted, timeout=10, what="a write with a quorum again")
-        acked += unknown
         assert first - 1 == len(acked), "the refused writes were appended"
         acked += batch_at(len(acked))
         await assert_serves_exactly([node0, node1], acked)
