@@ -18,7 +18,11 @@ certainly did not reach a leader's log:
 - the connection could not be set up (refused, reset, TLS failure, deadline) before the
   request's headers were sent: the server never saw the message;
 - the server answered FAILED_PRECONDITION (not the leader): per the Backend contract the
-  node appended nothing, so the client redirects and retries.
+  node appended nothing, so the client redirects and retries;
+- the server answered RESOURCE_EXHAUSTED for its disk (``InsufficientStorage``): nothing
+  was appended, and leadership may be moving to a node with room, so the client retries
+  with backoff on the leader its refreshed view names, raising the refusal once
+  ``retries`` run out.
 
 In every other case once the request was sent - the deadline passed, the connection broke
 before the answer, or the server answered UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED,
@@ -62,7 +66,7 @@ from dcl.addresses import split_host_port
 from dcl.api.dcl.v1 import admin_grpc, admin_pb2, batch_grpc, batch_pb2
 from dcl.api.log.v1 import log_grpc, log_pb2
 from dcl.client.errors import BatchPartiallyWritten, ProduceOutcomeUnknown, from_status
-from dcl.errors import DclError, InvalidRequest, OffsetOutOfRange, Unavailable
+from dcl.errors import DclError, InsufficientStorage, InvalidRequest, OffsetOutOfRange, Unavailable
 from dcl.tls import client_context
 
 __all__ = ["LEADER_METADATA_KEY", "ClusterStatus", "DclClient", "NodeStatus", "ServerInfo"]
@@ -498,6 +502,14 @@ class DclClient:
                         await self._refresh_quietly(avoid=address)
                     else:
                         await self._refresh_quietly(prefer=failure.leader_addr)
+                    continue
+                if isinstance(last, InsufficientStorage):
+                    # Nothing appended, and a leader out of room hands leadership to a node
+                    # with room within about a second: retried after the backoff, on the
+                    # leader the refreshed view names (as Kafka producers retry a storage
+                    # error). When every node is out of room, the last refusal is raised.
+                    log.info("produce refused for disk addr=%s: %s; retrying", address, last)
+                    await self._refresh_quietly()
                     continue
                 if failure.status in _DEFINITE_REJECTIONS:
                     raise last from failure.cause
