@@ -289,8 +289,9 @@ class RaftDriver:
                   or (isinstance(m, AppendEntries) and m.entries)
                   ) and m.term >= self.core.term and self._refused_for_disk(m):
                 # Dropped, not answered, as below: writing it could fill the disk, which
-                # stops the node. The leader resends once space is freed. (A message of
-                # an older term goes to the core, which ignores it.)
+                # stops the node. The leader resends entries and chunks once space is freed;
+                # a dropped TimeoutNow lets the transfer lapse. (A message of an older term
+                # goes to the core, which ignores it.)
                 self.dropped_for_disk += 1
                 return
         if type(m) is AppendEntries and m.entries:
@@ -359,7 +360,8 @@ class RaftDriver:
         The snapshot cap alone does not bound memory: entries keep arriving while a snapshot
         builds, which takes as long as copying the commit log (seconds per GiB), so a node
         under a steady write (or catching up) held several times the cap. A follower drops
-        appends meanwhile; a leader's ReplicatedBackend holds new appends back. Under way
+        appends meanwhile; a leader's ReplicatedBackend holds new appends back (or refuses
+        them, when the snapshot has no room on the disk: `disk_full`). Under way
         includes the write of the last snapshot: the next one, which frees what came in
         meanwhile, starts after it. Between two snapshots, the driver's loop starts the next
         one as soon as the log is over the limit (`_run`) rather than at the next apply, and

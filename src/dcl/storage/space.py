@@ -3,10 +3,12 @@
 A full disk is a storage failure: a write or fsync that fails with ENOSPC stops the node
 (its page cache can no longer be trusted to match the disk), and a supervisor restarting it
 finds the disk just as full. So a node stops taking new records while the free space is below
-a reserve, well before the disk fills: the leader refuses appends (InsufficientStorage), a
-follower drops the entries it is sent (the leader resends them), and both go on serving reads,
-elections and heartbeats. The reserve leaves room for what the node still writes meanwhile:
-entries already proposed, the stable file, a snapshot received or built.
+a reserve, well before the disk fills: a leader hands leadership to a voter with room or
+refuses appends (InsufficientStorage), a follower drops the entries it is sent and says so
+in its heartbeat answers (the leader stops sending them, and resends once it has room), and
+all go on serving reads, elections and heartbeats (dcl.raft.driver: `disk_full`). The
+reserve leaves room for what the node still writes meanwhile: entries already proposed, the
+stable file, a snapshot received or built.
 
 Nothing needs an operator to lift the stop: the space is looked at again on the next write
 after `recheck_seconds`, so freeing space (retention, deleting files) resumes writes.
