@@ -160,7 +160,7 @@ class NodeMetrics:
                          "snapshot chunks a follower dropped on arrival; a leader sends "
                          "none once the follower's heartbeat answers say its disk is low).",
                          ("kind",),
-                         [("", ("appends",), disk.refused),
+                         [("", ("appends",), driver.refused_for_disk),
                           ("", ("replication",), driver.dropped_for_disk)])
         yield gauge("dcl_rpc_active_calls", "Calls inside a handler (open streams included).",
                     self._server.active_calls)

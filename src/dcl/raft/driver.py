@@ -191,12 +191,13 @@ class RaftDriver:
         #: The data directory's free space against its reserve (see dcl.storage.space): a
         #: follower whose disk is low drops entries and snapshot chunks, as lost messages.
         self.disk = disk
-        #: Entries and snapshot chunks dropped on a low disk (metrics).
+        #: Entries and snapshot chunks dropped, and client appends refused, for lack of
+        #: disk (metrics; appends are counted by the refuser, ReplicatedBackend).
         self.dropped_for_disk = 0
-        #: The last snapshot due, and the last one offered by the leader, found no room on
-        #: the disk (each logged once until one does).
-        self._snapshot_waits_for_space = False
-        self._install_waits_for_space = False
+        self.refused_for_disk = 0
+        #: What waits for disk space ("snapshot": our own; "install": the leader's), each
+        #: logged once until it has room (`_room`).
+        self._waiting_for_space: set[str] = set()
         #: The size of the leader's snapshot that found no room here (0: none waiting).
         self._install_wanted = 0
         #: On a leader: the peers whose last heartbeat answer said their disk is low.
@@ -392,9 +393,8 @@ class RaftDriver:
         if self._install_wanted and self.core.role is not Role.LEADER and not (
                 self._room_for_install(self._install_wanted)):
             return True  # the snapshot it must take before any entry has no room
-        return disk.low or (
-            self.core.log_bytes >= self._max_log_memory and not self.snapshot_in_progress
-            and self.log_memory_full and not self._room_for_snapshot())
+        return disk.low or (self.log_memory_full and not self.snapshot_in_progress
+                            and not self._room_for_snapshot())
 
     def write_refusal(self) -> InsufficientStorage | None:
         """Why a leader takes no new records now, if it does not: its own disk (`disk_full`),
@@ -597,7 +597,7 @@ class RaftDriver:
         """To the transport; a follower's heartbeat answers say whether its disk is full
         (the leader counts such voters out of its write quorum: `write_refusal`, sends
         them no records and hands leadership to one with room when its own is full)."""
-        if self.disk is not None and self.disk_full:
+        if self.disk_full:
             for m in messages:
                 if type(m) is HeartbeatResponse:
                     m.disk_low = True
@@ -775,17 +775,9 @@ class RaftDriver:
         return True
 
     def _room_for_install(self, size: int) -> bool:
-        disk = self.disk
-        if disk is None or disk.reserve_bytes == 0:
-            return True
-        need = 2 * size + max(size - self._fsm.state_bytes(), 0)
-        free = disk.free_bytes()
-        room = free - need >= disk.reserve_bytes
-        if not room and not self._install_waits_for_space:  # once, not at every resend
-            log.warning("snapshot from the leader waits for disk space node=%s "
-                        "snapshot_bytes=%d needs_bytes=%d free_bytes=%d reserve_bytes=%d",
-                        self.node_id, size, need, free, disk.reserve_bytes)
-        self._install_waits_for_space = not room
+        """Room for the leader's snapshot of `size` bytes: the spool it is received into,
+        the file saved from it and the records the restore adds to the commit log."""
+        room = self._room("install", 2 * size + max(size - self._fsm.state_bytes(), 0))
         self._install_wanted = 0 if room else size
         return room
 
@@ -795,17 +787,20 @@ class RaftDriver:
         the new one replaces it). Without that room the snapshot waits, and the Raft log it
         would have cut is kept (on disk and in memory) instead: the node stops taking entries
         at the reserve rather than fill the disk with a copy, which would stop it."""
+        return self._room("snapshot", 2 * self._fsm.state_bytes())
+
+    def _room(self, what: str, need: int) -> bool:
+        """Whether `need` bytes fit above the reserve; a lack is logged once per wait."""
         disk = self.disk
-        if disk is None or disk.reserve_bytes == 0:
+        if disk is None or disk.room_for(need):
+            self._waiting_for_space.discard(what)
             return True
-        need = 2 * self._fsm.state_bytes()
-        free = disk.free_bytes()
-        room = free - need >= disk.reserve_bytes
-        if not room and not self._snapshot_waits_for_space:
-            log.warning("snapshot waits for disk space node=%s needs_bytes=%d free_bytes=%d "
-                        "reserve_bytes=%d", self.node_id, need, free, disk.reserve_bytes)
-        self._snapshot_waits_for_space = not room
-        return room
+        if what not in self._waiting_for_space:
+            self._waiting_for_space.add(what)
+            log.warning("%s waits for disk space node=%s needs_bytes=%d free_bytes=%d "
+                        "reserve_bytes=%d", what, self.node_id, need, disk.free_bytes(),
+                        disk.reserve_bytes)
+        return False
 
     def _maybe_snapshot(self) -> None:
         """Start a snapshot in the background once the Raft log holds

@@ -32,12 +32,7 @@ from typing import Any
 
 from dcl.api.dcl.v1 import raft_pb2
 from dcl.batching import runs_within
-from dcl.errors import (
-    CorruptRecord,
-    NotLeader,
-    OffsetOutOfRange,
-    Unavailable,
-)
+from dcl.errors import CorruptRecord, NotLeader, OffsetOutOfRange, Unavailable
 from dcl.raft.driver import RaftDriver
 from dcl.raft.storage import RaftStorage
 from dcl.raft.types import Entry, EntryType, Role, Snapshot
@@ -753,10 +748,10 @@ class ReplicatedBackend:
         if self.driver.core.role is not Role.LEADER:
             fut.set_exception(self._not_leader())
             return fut
-        disk = self.driver.disk
-        if disk is not None and (refusal := self.driver.write_refusal()) is not None:
+        refusal = self.driver.write_refusal()
+        if refusal is not None:
             # Refused, not held: a disk frees up on an operator's time, not a call's.
-            disk.refused += 1
+            self.driver.refused_for_disk += 1
             fut.set_exception(refusal)
             return fut
         if not self._pending:
@@ -773,15 +768,17 @@ class ReplicatedBackend:
         The check is made before each entry, so what was queued during a hold does not
         overfill the log once it lifts. An append whose caller gave up meanwhile (deadline,
         cancel; a ProduceStream cancels all it still has queued) is not proposed, and none is
-        once the node takes no records for lack of disk (`RaftDriver.write_refusal`).
+        once, while they were held, the node came to take no records for lack of disk
+        (`RaftDriver.write_refusal`).
         """
         pending = [item for item in self._pending if not item[1].done()]
         self._pending = []
         chunks = runs_within(pending, lambda item: sum(map(len, item[0])), _COALESCE_BYTES)
         for i, chunk in enumerate(chunks):
-            refusal = self.driver.write_refusal() if self.driver.disk is not None else None
+            # Held appends were let in before the disk went low: look again (`append`
+            # looked at each when it came).
+            refusal = self.driver.write_refusal() if self._held_since is not None else None
             if refusal is not None:
-                # The disk went low while these waited (a hold, or one loop turn).
                 for rest in chunks[i:]:
                     _fail_all(rest, refusal)
                 self._held_since = None

@@ -60,10 +60,6 @@ class DiskSpace:
         self._checked_at = -float("inf")
         self._free = 0
         self._low = False
-        #: Times the node found its disk low (transitions into low), and appends refused
-        #: for it (counted by the refuser), for metrics.
-        self.low_episodes = 0
-        self.refused = 0
 
     def free_bytes(self) -> int:
         """Bytes an unprivileged writer may still use (statvfs f_bavail), recent to within
@@ -89,12 +85,15 @@ class DiskSpace:
         self.free_bytes()
         return self._low
 
+    def room_for(self, nbytes: int) -> bool:
+        """Whether writing `nbytes` more leaves the reserve free (always, with no reserve)."""
+        return self.reserve_bytes == 0 or self.free_bytes() - nbytes >= self.reserve_bytes
+
     def _note(self, low: bool) -> None:
         if low == self._low:
             return
         self._low = low
         if low:
-            self.low_episodes += 1
             log.warning("disk below its reserve: taking no new records until space is freed "
                         "node=%s path=%s free_bytes=%d reserve_bytes=%d",
                         self.node, self.path, self._free, self.reserve_bytes)

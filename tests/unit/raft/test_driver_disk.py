@@ -27,6 +27,7 @@ from tests.unit.raft.test_driver import (
     Recording,
     _follower,
     _joined,
+    gate_snapshots,
     leader,
     record_entry,
     record_value,
@@ -65,7 +66,7 @@ async def test_a_leader_on_a_low_disk_refuses_appends_and_takes_them_once_space_
             await backend.append([b"refused"])
         assert (refused.value.free_bytes, refused.value.reserve_bytes) == (RESERVE - 1, RESERVE)
         assert driver.core.last_index == last  # nothing proposed
-        assert disk.space.refused == 1
+        assert driver.refused_for_disk == 1
         disk.free = RESERVE
         assert await backend.append([b"b"]) == 1
         assert [record_value(fsm, o) for o in (0, 1)] == [b"a", b"b"]
@@ -255,3 +256,34 @@ def test_a_follower_tells_the_leader_its_disk_is_low_in_its_heartbeat_answers(
     finally:
         storage.close()
         fsm.close()
+
+
+async def test_appends_held_for_memory_are_refused_once_the_disk_runs_low(
+    tmp_path: Path,
+) -> None:
+    """Appends wait while a snapshot frees the in-memory Raft log; if the disk drops below
+    its reserve meanwhile, they are refused (nothing appended) rather than proposed when
+    the hold lifts."""
+    disk = Disk()
+    async with leader(tmp_path, disk=disk.space, snapshot_threshold_entries=1,
+                      snapshot_max_log_bytes=4096, max_log_memory_bytes=8192) as driver:
+        fsm = cast(LogFsm, driver._fsm)
+        gate = gate_snapshots(fsm)
+        backend = ReplicatedBackend(driver, fsm, "127.0.0.1:1")
+        await until_applied(driver)
+        while not driver.log_memory_full:
+            await asyncio.wait_for(backend.append([b"a" * 1024]), 2)
+        next_offset = fsm.log.next_offset
+        last = driver.core.last_index
+        held = [asyncio.ensure_future(backend.append([b"held"])) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert not any(f.done() for f in held)
+        disk.free = RESERVE - 1
+        try:
+            for f in held:
+                with pytest.raises(InsufficientStorage):
+                    await asyncio.wait_for(f, 2)
+        finally:
+            gate.set()
+        assert driver.core.last_index == last
+        assert fsm.log.next_offset == next_offset

@@ -82,7 +82,7 @@ def test_a_disk_that_cannot_be_measured_counts_as_full(caplog: pytest.LogCapture
     assert not guard.low
 
 
-def test_each_change_is_logged_once_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+def test_each_change_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="dcl.storage.space")
     disk = FakeDisk(free=100 << 20)
     guard = space(disk, reserve=64 << 20)
@@ -95,7 +95,14 @@ def test_each_change_is_logged_once_and_counted(caplog: pytest.LogCaptureFixture
     above = [m for m in messages if m.startswith("disk above its reserve")]
     assert len(below) == 2 and len(above) == 1
     assert "free_bytes=1048576 reserve_bytes=67108864" in below[0]
-    assert guard.low_episodes == 2
+
+
+def test_room_for_a_write_is_what_it_leaves_above_the_reserve() -> None:
+    disk = FakeDisk(free=100 << 20)
+    guard = space(disk, reserve=64 << 20)
+    assert guard.room_for(36 << 20)
+    assert not guard.room_for((36 << 20) + 512)
+    assert space(disk, reserve=0).room_for(1 << 40)  # no reserve: no limit of ours
 
 
 def test_a_negative_reserve_is_refused() -> None:
